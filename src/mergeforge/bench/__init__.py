@@ -1,0 +1,2 @@
+"""Benchmark harness: model pools, task pools, evaluation, runner, sweeps, reports.
+Filled by later work."""

@@ -1,0 +1,136 @@
+"""Command line: ``mergeforge merge|validate|plan|methods``. Thin: parse, call the API, report.
+
+Every ``MergeforgeError`` becomes a one-paragraph message on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+
+from mergeforge import __version__
+from mergeforge.errors import MergeforgeError
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+              "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+              "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """``'4GB'`` → 4·10⁹ bytes; also K/M/G/T, KiB/MiB/GiB, plain integers."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 4GB, 500MB, 2GiB")
+    value = int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mergeforge", description="Deep model fusion.")
+    p.add_argument("--version", action="version", version=f"mergeforge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="merge models as a recipe says (streaming)")
+    m.add_argument("recipe")
+    m.add_argument("out_dir")
+    m.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    m.add_argument("--threads", type=int, default=None, help="torch threads for the math")
+    m.add_argument("--memory-budget", type=parse_size, default=None, help="e.g. 4GB")
+    m.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), help="default 5GB")
+    m.add_argument("--seed", type=int, default=0, help="seed of stochastic methods (default 0)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    v = sub.add_parser("validate", help="check a recipe and its inputs without reading tensors")
+    v.add_argument("recipe")
+    pl = sub.add_parser("plan", help="show the per-tensor plan and the resource estimate")
+    pl.add_argument("recipe")
+    pl.add_argument("--json", action="store_true")
+    me = sub.add_parser("methods", help="list merge methods and their parameters")
+    me.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MergeforgeError as exc:
+        print(f"mergeforge {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"mergeforge {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from mergeforge.engine.merge import merge
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = merge(
+        args.recipe, args.out_dir, device=args.device, memory_budget=args.memory_budget,
+        shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(
+        f"merged {res.tensors} tensors into {res.out_dir} in {res.seconds:.1f} s "
+        f"(read {_gb(res.bytes_read)}, wrote {_gb(res.bytes_written)}; files: {', '.join(res.files)})"
+    )
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from mergeforge.engine.merge import plan_recipe
+
+    plan = plan_recipe(args.recipe)
+    plan.close()
+    print(
+        f"{args.recipe}: OK — {plan.method.name} over {len(plan.models)} model(s)"
+        f"{' + base' if plan.base else ''}, {len(plan.tensors)} tensors"
+    )
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from mergeforge.engine.merge import plan_recipe
+    from mergeforge.engine.report import plan_json, plan_text
+
+    plan = plan_recipe(args.recipe)
+    plan.close()
+    if args.json:
+        print(json.dumps(plan_json(plan), indent=2))
+    else:
+        print(plan_text(plan))
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from mergeforge.methods import REGISTRY
+
+    if args.json:
+        print(json.dumps([s.to_json() for s in REGISTRY], indent=2))
+        return 0
+    for s in REGISTRY:
+        base = {"required": "needs base", "optional": "base optional", "unused": "no base"}
+        flags = [s.category, base[s.base]] + (["stochastic"] if s.stochastic else [])
+        print(f"{s.name}  [{', '.join(flags)}]  {s.paper}\n    {s.summary}")
+        for p in s.params:
+            dflt = "required" if p.required else f"default {p.default}"
+            print(f"    - {p.name} ({p.scope}, {p.kind}, {dflt}, {p.range_text()}): {p.doc}")
+    return 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+COMMANDS = {"merge": _merge, "validate": _validate, "plan": _plan, "methods": _methods}
+
+if __name__ == "__main__":
+    sys.exit(main())

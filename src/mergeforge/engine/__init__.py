@@ -1,0 +1,1 @@
+"""Planning and streaming execution of merges: the only layer that joins ``io`` and ``methods``."""

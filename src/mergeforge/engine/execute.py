@@ -1,0 +1,159 @@
+"""Stream a plan: read ahead on a thread, compute on the main thread, hand results to a sink.
+
+Memory is bounded by a byte budget: a tensor's inputs are read only when its estimated working set
+(raw inputs, fp32 copies, scratch, output) fits beside the tensors already in flight. A tensor
+larger than the budget runs alone (the planner refuses budgets below the largest tensor).
+Randomness is drawn from a generator seeded from (seed, tensor name), so the order of execution,
+chunking or threading never changes a result.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from mergeforge.engine.plan import DTYPES, MergePlan, TensorPlan
+from mergeforge.errors import MethodError, NonFiniteError
+from mergeforge.methods import seeded_generator
+
+Sink = Callable[[TensorPlan, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class ExecOptions:
+    """How to run a plan. ``memory_budget`` in bytes (``None`` = 2 tensors in flight)."""
+
+    device: str = "cpu"
+    seed: int = 0
+    memory_budget: int | None = None
+    prefetch: int = 2
+
+
+class ByteBudget:
+    """A counting semaphore over bytes; one oversized request is admitted when nothing else is."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        with self.cond:
+            while self.limit is not None and self.used and self.used + n > self.limit:
+                if stop.is_set():
+                    return False
+                self.cond.wait(0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+def run_plan(
+    plan: MergePlan,
+    sink: Sink,
+    options: ExecOptions,
+    on_done: Callable[[TensorPlan], None] | None = None,
+) -> None:
+    """Compute every tensor of ``plan`` and pass it to ``sink`` in plan order."""
+    budget = ByteBudget(options.memory_budget)
+    for tp, raw in _prefetch(plan, budget, options.prefetch):
+        try:
+            out = compute_tensor(plan, tp, raw, options)
+            del raw
+            sink(tp, out)
+        finally:
+            budget.release(tp.work_bytes())
+        if on_done is not None:
+            on_done(tp)
+
+
+def _prefetch(
+    plan: MergePlan, budget: ByteBudget, depth: int
+) -> Iterator[tuple[TensorPlan, list[torch.Tensor]]]:
+    """Read the inputs of upcoming tensors on a background thread, in plan order."""
+    q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for tp in plan.tensors:
+                if not budget.acquire(tp.work_bytes(), stop):
+                    return
+                raw = [plan.checkpoints[s.model].read(s.info.name) for s in tp.sources()]
+                while not stop.is_set():
+                    try:
+                        q.put((tp, raw), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                else:
+                    return
+            q.put(None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            q.put(exc)
+
+    thread = threading.Thread(target=reader, name="mergeforge-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def compute_tensor(
+    plan: MergePlan, tp: TensorPlan, raw: list[torch.Tensor], options: ExecOptions
+) -> torch.Tensor:
+    """One output tensor from its raw inputs (base first, as ``TensorPlan.sources`` orders them)."""
+    if tp.op == "copy":
+        return raw[0]
+    load_dtype = DTYPES.get(plan.recipe.dtype or "")
+    check = "allow_nonfinite" not in plan.recipe.opt_ins
+    xs = [
+        _prepare(x, s, tp, load_dtype, options.device, check)
+        for x, s in zip(raw, tp.sources())
+    ]
+    base = xs[0] if tp.base is not None else None
+    tensors = xs[1:] if tp.base is not None else xs
+    kwargs = dict(tp.params)
+    if plan.method.stochastic:
+        kwargs["generator"] = seeded_generator(options.seed, tp.name)
+    out = plan.method.fn(tensors, base, **kwargs)
+    if tuple(out.shape) != tp.shape:
+        raise MethodError(
+            f"method {plan.method.name!r} returned shape {list(out.shape)} for tensor "
+            f"{tp.name!r}, expected {list(tp.shape)} (a bug in the method)"
+        )
+    return out.to(device="cpu", dtype=tp.dtype).contiguous()
+
+
+def _prepare(x, src, tp: TensorPlan, load_dtype, device: str, check: bool) -> torch.Tensor:
+    """Crop (opt-in), round to the recipe's ``dtype`` like mergekit's loader, then fp32."""
+    if tp.rows is not None and x.shape[0] != tp.rows:
+        x = x[: tp.rows]
+    if load_dtype is not None and x.dtype != load_dtype:
+        x = x.to(load_dtype)
+    x = x.to(device=device, dtype=torch.float32, non_blocking=True)
+    if check and not torch.isfinite(x.sum()):
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise NonFiniteError(
+                f"tensor {src.info.name!r} of model {src.model!r} ({src.info.file}) holds {bad} "
+                "NaN/Inf value(s); the checkpoint is broken. Fix or replace it, or opt in to "
+                "merging anyway with `mergeforge: {allow_nonfinite: true}` in the recipe"
+            )
+    return x
