@@ -25,10 +25,18 @@ MODEL_KINDS: tuple[ModelKind, ...] = ("llama", "llama_tied", "gpt2", "bert", "be
 FINETUNE_SCALE = 0.05
 
 
+def _quiet_transformers() -> None:
+    """Silence transformers' per-call progress bars (they only add noise to test logs)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _build_and_save(
     path: str | Path, seed: int, make_model: Callable[[], Any], dtype: torch.dtype
 ) -> Path:
     """Instantiate ``make_model()`` under a private RNG seeded with ``seed`` and save it."""
+    _quiet_transformers()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
@@ -138,6 +146,7 @@ def make_finetune(
     in the order of ``named_parameters()`` (tied parameters are perturbed once and stay tied).
     Buffers and integer tensors are copied unchanged.
     """
+    _quiet_transformers()
     base_path = Path(base)
     model = _auto_class(base_path).from_pretrained(base_path)
     generator = torch.Generator().manual_seed(seed)

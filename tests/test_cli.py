@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from conftest import run_cli, write_recipe
-
 from mergeforge.cli import parse_size
 
 

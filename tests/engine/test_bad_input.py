@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import run_cli, write_recipe
 from models import make_family
 
@@ -248,6 +249,8 @@ def test_output_path_is_a_file(capsys, tmp_path, fam):
 
 def test_memory_budget_below_largest_tensor(capsys, tmp_path, fam):
     base, fts = fam
-    code = run_cli("merge", _recipe(tmp_path, base, fts), tmp_path / "out", "--memory-budget", "1KB")
+    code = run_cli(
+        "merge", _recipe(tmp_path, base, fts), tmp_path / "out", "--memory-budget", "1KB"
+    )
     err = capsys.readouterr().err
     assert code != 0 and "memory budget" in err and not (tmp_path / "out").exists()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_recipe
-from models import load_state, make_family
 
+from conftest import run_cli, write_recipe
 from mergeforge.methods import find_method, seeded_generator
+from models import load_state, make_family
 
 TIES = """\
 merge_method: ties

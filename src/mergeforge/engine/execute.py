@@ -121,12 +121,7 @@ def compute_tensor(
     """One output tensor from its raw inputs (base first, as ``TensorPlan.sources`` orders them)."""
     if tp.op == "copy":
         return raw[0]
-    load_dtype = DTYPES.get(plan.recipe.dtype or "")
-    check = "allow_nonfinite" not in plan.recipe.opt_ins
-    xs = [
-        _prepare(x, s, tp, load_dtype, options.device, check)
-        for x, s in zip(raw, tp.sources())
-    ]
+    xs = prepare_inputs(plan, tp, raw, options)
     base = xs[0] if tp.base is not None else None
     tensors = xs[1:] if tp.base is not None else xs
     kwargs = dict(tp.params)
@@ -139,6 +134,18 @@ def compute_tensor(
             f"{tp.name!r}, expected {list(tp.shape)} (a bug in the method)"
         )
     return out.to(device="cpu", dtype=tp.dtype).contiguous()
+
+
+def prepare_inputs(
+    plan: MergePlan, tp: TensorPlan, raw: list[torch.Tensor], options: ExecOptions
+) -> list[torch.Tensor]:
+    """fp32 inputs on the compute device, in ``tp.sources()`` order, checked for NaN/Inf."""
+    load_dtype = DTYPES.get(plan.recipe.dtype or "")
+    check = "allow_nonfinite" not in plan.recipe.opt_ins
+    return [
+        _prepare(x, s, tp, load_dtype, options.device, check)
+        for x, s in zip(raw, tp.sources(), strict=True)
+    ]
 
 
 def _prepare(x, src, tp: TensorPlan, load_dtype, device: str, check: bool) -> torch.Tensor:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from mergeforge import __version__
 from mergeforge.config import OPT_INS, Recipe, load_recipe
 from mergeforge.engine.execute import ExecOptions, run_plan
+from mergeforge.engine.global_pass import with_global_stats
 from mergeforge.engine.models import resolve_path
 from mergeforge.engine.plan import MergePlan, build_plan
 from mergeforge.errors import OutputError, PlanError
@@ -31,6 +32,7 @@ from mergeforge.io import (
     sha256_file,
     write_json,
 )
+
 
 @dataclass(frozen=True)
 class MergeResult:
@@ -68,10 +70,11 @@ def merge(
             hashes = _HashInputs(plan)
             entries = [(t.name, t.dtype, t.shape) for t in plan.tensors]
             options = ExecOptions(device=device, seed=seed, memory_budget=memory_budget)
+            plan = with_global_stats(plan, options)
             meta = {"mergeforge": __version__}
-            with ShardedWriter(tmp, entries, shard_size, metadata=meta) as writer:
-                with _progress(plan, progress) as done:
-                    run_plan(plan, lambda tp, x: writer.write(tp.name, x), options, done)
+            writer = ShardedWriter(tmp, entries, shard_size, metadata=meta)
+            with writer, _progress(plan, progress) as done:
+                run_plan(plan, lambda tp, x: writer.write(tp.name, x), options, done)
             _write_side_files(plan, tmp)
             _write_card(plan, tmp, hashes.result())
             files = tuple(sorted(p.name for p in tmp.iterdir()))

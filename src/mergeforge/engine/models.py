@@ -38,7 +38,10 @@ def resolve_path(label: str, recipe_dir: Path | None) -> tuple[Path | None, str 
             " It looks like a Hugging Face Hub id: mergeforge never downloads; fetch it first "
             f"(`huggingface-cli download {label} --local-dir DIR`) and put DIR in the recipe."
         )
-    return None, f"model {label!r}: no such file or directory (looked in {', '.join(map(str, candidates))}).{hint}"
+    return (
+        None,
+        f"model {label!r}: no such file or directory (looked in {', '.join(map(str, candidates))}).{hint}",
+    )
 
 
 def open_models(

@@ -247,7 +247,7 @@ def _output_names(ref: Checkpoint, ckpts, labels, problems: list[str]) -> list[s
     """Reference tensor names, plus tensors other models have that the reference ties away."""
     names = list(ref.tensors)
     seen = set(names)
-    for ck, lb in zip(ckpts, labels):
+    for ck, lb in zip(ckpts, labels, strict=True):
         for n in ck.tensors:
             if n in seen:
                 continue
@@ -297,7 +297,7 @@ def _plan_one(recipe, spec, name, sources, base, labels, n_layers, problems) -> 
     return TensorPlan(name, shape, dtype, "merge", inputs, base_src, {}, rows, note)
 
 
-def _check_shapes(recipe, name, sources, problems) -> int | None | bool:
+def _check_shapes(recipe, name, sources, problems) -> int | bool | None:
     """None when all shapes agree; the row count to crop to (opt-in); False on a problem."""
     shapes = {lb: s.info.shape for lb, s in sources.items()}
     if len(set(shapes.values())) == 1:

@@ -44,12 +44,22 @@ def plan_json(plan: MergePlan) -> dict[str, object]:
     }
 
 
+def _shared_params(plan: MergePlan) -> dict[str, object]:
+    """Parameters whose value is the same for every merged tensor."""
+    merged = [t.params for t in plan.tensors if t.op == "merge"]
+    if not merged:
+        return {}
+    return {k: v for k, v in merged[0].items() if all(p.get(k) == v for p in merged[1:])}
+
+
 def plan_text(plan: MergePlan) -> str:
-    """A readable plan: header, one line per tensor, then the estimates."""
+    """A readable plan: header, one line per tensor (only what varies), then the estimates."""
+    shared = _shared_params(plan)
     lines = [
         f"method: {plan.method.name} ({plan.method.paper})",
         f"base model: {plan.base or '(none)'}",
         "models: " + ", ".join(plan.models),
+        "parameters for every tensor: " + (describe(shared) or "(none)"),
         "",
     ]
     for t in plan.tensors:
@@ -57,11 +67,12 @@ def plan_text(plan: MergePlan) -> str:
         if t.op == "copy":
             what = f"copy from {t.base.model if t.base else '?'} ({t.note})"
         else:
+            varying = {k: v for k, v in t.params.items() if k not in shared}
             tied = [f"{s.model}: {s.note}" for s in t.inputs if s.note]
-            what = describe(t.params) + (f"  [{'; '.join(tied)}]" if tied else "")
+            what = describe(varying) + (f"  [{'; '.join(tied)}]" if tied else "")
             if t.note:
                 what += f"  [{t.note}]"
-        lines.append(f"{t.name}  {shape} {_dtype(t)}  {what}")
+        lines.append(f"{t.name}  {shape} {_dtype(t)}  {what}".rstrip())
     merged = sum(1 for t in plan.tensors if t.op == "merge")
     lines += [
         "",

@@ -63,7 +63,7 @@ def chunk_slices(numel: int, chunk: int | None = None) -> Iterator[slice]:
 
 def trim_below(delta: Tensor, threshold: float) -> Tensor:
     """Zero the entries with ``|δ| < threshold``: ``δ · [|δ| ≥ t]``. Entries equal to t are kept."""
-    return delta.masked_fill(delta.abs() < threshold, 0.0)  # same shape as delta
+    return delta * (delta.abs() >= threshold)  # same shape as delta; dropped entries become ±0
 
 
 def trim_magnitude(delta: Tensor, density: float) -> Tensor:
@@ -166,8 +166,7 @@ def disjoint_merge(
     mixed = (weighted * agree).sum(dim=0)  # (...)
     if normalize:
         divisor = (weight_column(weights, weighted) * agree).sum(dim=0)  # (...)
-        divisor[divisor == 0] = 1
-        mixed /= divisor
+        mixed /= divisor.masked_fill_(divisor == 0, 1.0)
     return mixed
 
 
