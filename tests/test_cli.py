@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import run_cli, write_recipe
+from helpers import run_cli, write_recipe
 from mergeforge.cli import parse_size
 
 

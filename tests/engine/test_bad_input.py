@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, write_recipe
+from helpers import run_cli, write_recipe
 from models import make_family
 
 TA = """\

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_cli, write_recipe
+from helpers import run_cli, write_recipe
 from mergeforge.config import parse_recipe
 from mergeforge.engine.execute import ExecOptions
 from mergeforge.engine.global_pass import model_thresholds

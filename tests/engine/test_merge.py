@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, write_recipe
+from helpers import run_cli, write_recipe
 from mergeforge.methods import find_method, seeded_generator
 from models import load_state, make_family
 

@@ -11,6 +11,7 @@ value): pass 1 counts the high 16 bits, pass 2 counts the low 16 bits inside the
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -74,20 +75,21 @@ def model_thresholds(plan: MergePlan, options: ExecOptions) -> tuple[float, ...]
     hi = torch.zeros(k, HI_BINS, dtype=torch.int64)
     _scan(plan, options, lambda i, bits: hi[i].add_(torch.bincount(bits >> 16, minlength=HI_BINS)))
     total = int(hi[0].sum())
-    ranks = [max(1, total - int(total * d)) if d < 1 else 0 for d in dens]
-    found = [_locate(hi[i], r) if r else (0, 0) for i, r in enumerate(ranks)]
+    # rank 0: keep everything (d ≥ 1); rank total + 1: keep nothing (d ≤ 0, as per-tensor trim)
+    ranks = [0 if d >= 1 else total + 1 if d <= 0 else total - int(total * d) for d in dens]
+    found = [_locate(hi[i], r) if 0 < r <= total else (0, 0) for i, r in enumerate(ranks)]
     lo = torch.zeros(k, LO_BINS, dtype=torch.int64)
 
     def visit_lo(i: int, bits: torch.Tensor) -> None:
-        if ranks[i]:
+        if 0 < ranks[i] <= total:
             inside = bits[(bits >> 16) == found[i][0]] & 0xFFFF
             lo[i].add_(torch.bincount(inside, minlength=LO_BINS))
 
     _scan(plan, options, visit_lo)
     out = []
     for i, r in enumerate(ranks):
-        if not r:  # density ≥ 1 keeps everything
-            out.append(0.0)
+        if r == 0 or r > total:
+            out.append(0.0 if r == 0 else math.inf)
             continue
         low, _ = _locate(lo[i], found[i][1])
         pattern = torch.tensor([(found[i][0] << 16) | low], dtype=torch.int32)

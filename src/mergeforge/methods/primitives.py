@@ -70,8 +70,10 @@ def trim_magnitude(delta: Tensor, density: float) -> Tensor:
     """Keep the ``k = max(1, int(d · numel))`` largest ``|δ|``, zero the rest (TIES "trim").
 
     mergekit 0.1.5 ``sparsify.magnitude``: ``d ≥ 1`` returns δ unchanged, ``d ≤ 0`` returns zeros.
-    Entries tied with the k-th largest magnitude are all kept (mergekit keeps an arbitrary k of
-    them); with continuous values there are no ties.
+    Entries tied with the k-th largest magnitude are all kept, so slightly more than k may survive;
+    mergekit keeps whichever tied entries its unstable ``argsort`` puts first, which no other code
+    can reproduce. Ties do occur in real task vectors: ``x − b`` is a multiple of the larger
+    operand's ulp, so a tensor of 10^5 entries often has a couple tied at the threshold.
     """
     k = keep_count(delta.numel(), density)
     if k == 0:

@@ -14,18 +14,11 @@ linear passes over chunks and O(√n)-ish extra memory:
 If the bracket misses (step 4 returns ``None``), ``torch.kthvalue`` over all of |x| gives the answer,
 so the result is always exact; only the speed depends on the sample. Inputs must be finite: NaN
 entries are never counted.
-
-``model_magnitude_threshold`` does the same over a whole model's task vector, streamed tensor by
-tensor (TIES-paper trimming, ``trim_scope: model``): one pass samples, one counts and collects; on a
-miss, count-only passes bisect the float bit pattern until the bracket is small (exact, and still
-only O(√n) memory).
 """
 
 from __future__ import annotations
 
 import math
-import struct
-from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -42,16 +35,6 @@ SAMPLE_SEED = 0x6D657267
 
 SELECT_CHUNK = 1 << 18
 """Elements per chunk in the counting pass."""
-
-MODEL_SAMPLE_MAX = 1 << 22
-"""Sample size cap for a whole model (16 MiB of samples)."""
-
-COLLECT_LIMIT = 1 << 24
-"""Most candidates the bisection fallback collects at once (64 MiB)."""
-
-TaskVectors = Callable[[], Iterable[tuple[Tensor, Tensor | None]]]
-"""Yields one model's ``(x, base)`` tensor pairs (base may be ``None``: x is the task vector);
-every call yields the same pairs in the same order."""
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -149,92 +132,3 @@ def select_in_bracket(above: int, candidates: Tensor, k: int) -> float | None:
     if need <= 0 or need > candidates.numel():
         return None
     return float(torch.kthvalue(candidates, candidates.numel() - need + 1).values)
-
-
-def model_magnitude_threshold(source: TaskVectors, numel: int, density: float) -> float:
-    """The t with ``|δ| ≥ t`` keeping the top ``keep_count(numel, d)`` entries of a whole model's
-    task vector ``δ`` (the concatenation of ``x − base`` over ``source()``; ``numel`` elements).
-
-    Calls ``source()`` twice (more only if the sampled bracket misses). Memory: the sample and the
-    candidates, never the concatenated vector.
-    """
-    k = keep_count(numel, density)
-    if k == 0:
-        return math.inf
-    if k == numel:
-        return 0.0
-    m = int(min(max(numel ** (2.0 / 3.0), SAMPLE_MIN), MODEL_SAMPLE_MAX))
-    samples = [
-        sample_abs(x.reshape(-1), _flat(b), round(x.numel() * m / numel))
-        for x, b in source()
-        if round(x.numel() * m / numel) > 0
-    ]
-    lo, hi = bracket(torch.cat(samples), k / numel) if samples else (0.0, math.inf)
-    above, candidates = _collect_many(source, lo, hi)
-    t = select_in_bracket(above, candidates, k)
-    if t is not None:
-        return t
-    if above >= k:  # the threshold is above hi
-        return _bisect_threshold(source, k, hi, _max_abs(source))
-    return _bisect_threshold(source, k, 0.0, lo)
-
-
-def _flat(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.reshape(-1)
-
-
-def _collect_many(source: TaskVectors, lo: float, hi: float) -> tuple[int, Tensor]:
-    above, parts = 0, []
-    for x, b in source():
-        n_above, inside = count_and_collect(x.reshape(-1), _flat(b), lo, hi)
-        above += n_above
-        parts.append(inside)
-    return above, torch.cat(parts) if parts else torch.empty(0)
-
-
-def _counts(source: TaskVectors, lo: float, mid: float, hi: float) -> tuple[int, int, int]:
-    """One pass: ``(#|δ| ≥ lo, #|δ| ≥ mid, #|δ| > hi)``."""
-    ge_lo = ge_mid = gt_hi = 0
-    for x, b in source():
-        flat, flat_b = x.reshape(-1), _flat(b)
-        for start in range(0, flat.numel(), SELECT_CHUNK):
-            sl = slice(start, start + SELECT_CHUNK)
-            a = _abs_delta(flat[sl], None if flat_b is None else flat_b[sl])
-            ge_lo += int(torch.count_nonzero(a >= lo))
-            ge_mid += int(torch.count_nonzero(a >= mid))
-            gt_hi += int(torch.count_nonzero(a > hi))
-    return ge_lo, ge_mid, gt_hi
-
-
-def _max_abs(source: TaskVectors) -> float:
-    pairs = source()
-    return max(
-        (float(_abs_delta(x.reshape(-1), _flat(b)).max()) for x, b in pairs if x.numel()),
-        default=0.0,
-    )
-
-
-def _bits(v: float) -> int:
-    """The int32 bit pattern of a non-negative float32: monotonic in the value."""
-    return struct.unpack("<i", struct.pack("<f", v))[0]
-
-
-def _from_bits(i: int) -> float:
-    return struct.unpack("<f", struct.pack("<i", i))[0]
-
-
-def _bisect_threshold(source: TaskVectors, k: int, lo: float, hi: float) -> float:
-    """Exact fallback. Invariant: ``#|δ| ≥ lo ≥ k > #|δ| > hi``. Halve ``[lo, hi]`` over float32
-    bit patterns (≤ 32 count passes) until it holds few entries, then collect and select."""
-    while True:
-        mid = _from_bits((_bits(lo) + _bits(hi)) // 2)
-        ge_lo, ge_mid, gt_hi = _counts(source, lo, mid, hi)
-        if ge_lo - gt_hi <= COLLECT_LIMIT or mid in (lo, hi):
-            break
-        lo, hi = (mid, hi) if ge_mid >= k else (lo, mid)
-    if ge_lo - gt_hi > COLLECT_LIMIT:  # lo and hi are adjacent floats: every entry is one of them
-        return hi if _counts(source, hi, hi, hi)[0] >= k else lo
-    above, candidates = _collect_many(source, lo, hi)
-    t = select_in_bracket(above, candidates, k)
-    assert t is not None, "bisection invariant broken"
-    return t

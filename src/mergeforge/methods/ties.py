@@ -11,7 +11,7 @@ arXiv 2306.01708. For K models with weights ``w_i`` and densities ``d_i``::
 Defaults are mergekit 0.1.5 ``ties`` (trim per tensor, sum consensus, normalize true, rescale
 false, λ 1, weights influence the election). The paper's variant: ``trim_scope: model`` (one
 threshold per model over its whole task vector, computed by the engine with
-``selection.model_magnitude_threshold`` and passed as the per-model ``threshold``), weights 1 and
+the engine (``engine/global_pass.py``) and passed as the per-model ``threshold``), weights 1 and
 normalize true (the paper's "disjoint mean"), λ ≈ 1.
 """
 
