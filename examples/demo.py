@@ -56,14 +56,24 @@ def build_models(root: Path) -> None:
         ft.save_pretrained(root / f"ft-{i}")
 
 
-def cli(*args: str) -> None:
+def cli(*args: str, keep: int | None = None) -> None:
+    """Run a mergeforge command; with ``keep``, show only its first and last ``keep`` lines."""
     print(f"\n$ mergeforge {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", "mergeforge", *args], check=True)
+    cmd = [sys.executable, "-m", "mergeforge", *args]
+    if keep is None:
+        subprocess.run(cmd, check=True)
+        return
+    lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()
+    if len(lines) > 3 * keep:
+        lines = [*lines[: 2 * keep], f"... ({len(lines) - 3 * keep} more lines)", *lines[-keep:]]
+    print("\n".join(lines), flush=True)
 
 
 def compare(root: Path) -> None:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     merged = AutoModelForCausalLM.from_pretrained(root / "merged")
     ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -84,7 +94,7 @@ def main() -> None:
         recipe.write_text(RECIPE.format(root=root))
         print(f"\nrecipe {recipe}:\n{recipe.read_text()}")
         cli("validate", str(recipe))
-        cli("plan", str(recipe))
+        cli("plan", str(recipe), keep=5)
         cli("merge", str(recipe), str(root / "merged"), "--memory-budget", "1GB")
         print("\noutput files:", ", ".join(sorted(p.name for p in (root / "merged").iterdir())))
         compare(root)

@@ -66,3 +66,11 @@ def test_methods_json_lists_parameters(capsys):
     assert all(p["doc"] for m in methods.values() for p in m["parameters"])
     assert run_cli("methods") == 0
     assert "dare_ties" in capsys.readouterr().out
+
+
+def test_readme_method_table_is_generated_from_the_registry():
+    from mergeforge.cli import methods_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- methods:begin -->\n")[1].split("\n<!-- methods:end -->")[0]
+    assert block == methods_markdown(), "regenerate with `mergeforge methods --markdown`"

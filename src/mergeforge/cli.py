@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     me = sub.add_parser("methods", help="list merge methods and their parameters")
     me.add_argument("--json", action="store_true")
+    me.add_argument("--markdown", action="store_true", help="the README's method table")
     return p
 
 
@@ -116,14 +117,43 @@ def _methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([s.to_json() for s in REGISTRY], indent=2))
         return 0
+    if args.markdown:
+        print(methods_markdown())
+        return 0
     for s in REGISTRY:
         base = {"required": "needs base", "optional": "base optional", "unused": "no base"}
         flags = [s.category, base[s.base]] + (["stochastic"] if s.stochastic else [])
         print(f"{s.name}  [{', '.join(flags)}]  {s.paper}\n    {s.summary}")
         for p in s.params:
-            dflt = "required" if p.required else f"default {p.default}"
+            dflt = "required" if p.required else f"default {_yaml(p.default)}"
             print(f"    - {p.name} ({p.scope}, {p.kind}, {dflt}, {p.range_text()}): {p.doc}")
     return 0
+
+
+def _yaml(v: object) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def methods_markdown() -> str:
+    """The README's method table, generated from the registry (a test keeps them in sync)."""
+    from mergeforge.methods import REGISTRY
+
+    base = {"required": "required", "optional": "optional", "unused": "as an input"}
+    rows = [
+        "| method | what it does | base model | parameters (default) | paper |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s in REGISTRY:
+        params = ", ".join(
+            f"`{p.name}`" + ("" if p.required else f" ({_yaml(p.default)})")
+            + (" per model" if p.scope == "per_model" else "")
+            for p in s.params
+        )  # fmt: skip
+        kind = " (stochastic)" if s.stochastic else ""
+        rows.append(
+            f"| `{s.name}` | {s.summary}{kind} | {base[s.base]} | {params} | [link]({s.paper}) |"
+        )
+    return "\n".join(rows)
 
 
 def _gb(n: int) -> str:

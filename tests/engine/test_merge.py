@@ -173,3 +173,25 @@ parameters: {{lambda: 0.8}}
         from transformers import AutoModelForSequenceClassification as cls
     _m, info = cls.from_pretrained(tmp_path / "o", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_cuda_request_without_a_gpu_is_a_clear_error(llama_family, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; see test_cuda_merge_matches_cpu")
+    base, fts = llama_family
+    recipe = write_recipe(tmp_path / "r.yaml", _fmt(TIES, base, fts))
+    assert run_cli("merge", recipe, tmp_path / "o", "--quiet", "--device", "cuda") != 0
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("text", [TIES, DARE], ids=["ties", "dare_ties"])
+def test_cuda_merge_matches_cpu(llama_family, tmp_path, text):
+    base, fts = llama_family
+    recipe = write_recipe(tmp_path / "r.yaml", _fmt(text, base, fts))
+    assert run_cli("merge", recipe, tmp_path / "cpu", "--quiet") == 0
+    assert run_cli("merge", recipe, tmp_path / "gpu", "--quiet", "--device", "cuda") == 0
+    cpu, gpu = load_state(tmp_path / "cpu"), load_state(tmp_path / "gpu")
+    for k, v in cpu.items():
+        torch.testing.assert_close(gpu[k], v, rtol=1e-5, atol=1e-6)

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from mergeforge.errors import MethodError
-from mergeforge.methods.gta import WEIGHT
 from mergeforge.methods.primitives import check_inputs
 from mergeforge.methods.spec import MethodSpec, ParamSpec
 
@@ -55,7 +54,13 @@ LINEAR = MethodSpec(
     summary="weighted average of the models: Σ w_i x_i / Σ w_i (model soups)",
     base="unused",
     params=(
-        WEIGHT,
+        ParamSpec(
+            "weight",
+            "float",
+            "per_model",
+            "coefficient w_i of the model in the average (the base too, when it is an input)",
+            required=True,
+        ),
         ParamSpec(
             "normalize",
             "bool",

@@ -92,8 +92,9 @@ def random_drop(delta: Tensor, density: float, generator: torch.Generator) -> tu
     """
     if density >= 1:
         return delta.clone(), torch.ones_like(delta, dtype=torch.bool)
-    probs = torch.full_like(delta, density)  # same shape as delta
-    mask = torch.bernoulli(probs, generator=generator)  # 0/1 floats
+    # drawn where the generator lives (CPU), so CPU and GPU merges draw the same masks
+    probs = torch.full(delta.shape, density, dtype=delta.dtype, device=generator.device)
+    mask = torch.bernoulli(probs, generator=generator).to(delta.device)  # 0/1 floats
     return delta * mask, mask.bool()
 
 
