@@ -159,7 +159,8 @@ def test_nan_opt_in_merges_and_is_recorded(capsys, tmp_path, fam):
     text = TA.format(method="task_arithmetic", base=base, ft0=fts[0], ft1=fts[1], extra="")
     r = write_recipe(tmp_path / "r.yaml", text + "mergeforge: {allow_nonfinite: true}\n")
     assert run_cli("merge", r, tmp_path / "out", "--quiet") == 0
-    assert "allow_nonfinite" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "allow_nonfinite: merge inputs" in card.split("## Opt-ins in effect")[1]
 
 
 def test_vocab_mismatch_is_an_error_unless_opted_in(capsys, tmp_path, fam):
@@ -174,7 +175,8 @@ def test_vocab_mismatch_is_an_error_unless_opted_in(capsys, tmp_path, fam):
     text = TA.format(method="task_arithmetic", base=base, ft0=fts[0], ft1=fts[1], extra="")
     r = write_recipe(tmp_path / "r2.yaml", text + "mergeforge: {truncate_embeddings: true}\n")
     assert run_cli("merge", r, tmp_path / "ok", "--quiet") == 0
-    assert "truncate_embeddings" in (tmp_path / "ok" / "README.md").read_text()
+    card = (tmp_path / "ok" / "README.md").read_text()
+    assert "truncate_embeddings: crop" in card.split("## Opt-ins in effect")[1]
 
 
 def test_missing_base_model(capsys, tmp_path, fam):

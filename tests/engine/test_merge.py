@@ -60,6 +60,7 @@ def test_ties_output_is_a_loadable_hf_directory(llama_family, tmp_path):
 def _in_memory(recipe_text: str, base: Path, fts: list[Path], seed: int) -> dict[str, torch.Tensor]:
     """Recompute the merge from whole state dicts with the method function directly."""
     from mergeforge.config import parse_recipe
+    from mergeforge.engine.execute import tie_rule
     from mergeforge.engine.plan import build_plan
 
     plan = build_plan(parse_recipe(__import__("yaml").safe_load(recipe_text)))
@@ -69,6 +70,9 @@ def _in_memory(recipe_text: str, base: Path, fts: list[Path], seed: int) -> dict
         b = states[tp.base.model][tp.base.info.name].float()
         xs = [states[s.model][s.info.name].float() for s in tp.inputs]
         kw = dict(tp.params)
+        if "tie_break" in plan.method.engine_kwargs:
+            raws = [states[s.model][s.info.name] for s in tp.sources()]
+            kw["tie_break"] = tie_rule(plan, raws)
         if plan.method.stochastic:
             kw["generator"] = seeded_generator(seed, tp.name)
         out[tp.name] = find_method(plan.method.name).fn(xs, b, **kw).to(tp.dtype)
@@ -195,3 +199,34 @@ def test_cuda_merge_matches_cpu(llama_family, tmp_path, text):
     cpu, gpu = load_state(tmp_path / "cpu"), load_state(tmp_path / "gpu")
     for k, v in cpu.items():
         torch.testing.assert_close(gpu[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_merge_breaks_ties_by_index_and_matches_in_memory(tmp_path):
+    base, fts = make_family("llama", tmp_path / "m", 3, seed=9, dtype=torch.bfloat16)
+    text = _fmt(TIES, base, fts)
+    recipe = write_recipe(tmp_path / "r.yaml", text)
+    assert run_cli("merge", recipe, tmp_path / "out", "--quiet") == 0
+    streamed = load_state(tmp_path / "out")
+    expected = _in_memory(text, base, fts, seed=0)
+    assert all(v.dtype == torch.bfloat16 for v in streamed.values())
+    assert all(torch.equal(streamed[k], v) for k, v in expected.items())
+
+
+def test_fp32_ties_at_the_cut_follow_mergekit_unless_index_tie_break(tmp_path):
+    from safetensors.torch import save_file
+
+    base, fts = make_family("llama", tmp_path / "m", 2, seed=4)
+    b = load_state(base)
+    for i, ft in enumerate(fts):  # task vectors with few distinct magnitudes: ties everywhere
+        g = torch.Generator().manual_seed(50 + i)
+        state = {k: v + torch.randint(-3, 4, v.shape, generator=g) / 64 for k, v in b.items()}
+        save_file(state, ft / "model.safetensors", metadata={"format": "pt"})
+    text = _fmt(DARE, base, fts).replace("dare_ties", "ties")
+    for name, extra in (("mk", ""), ("idx", "mergeforge: {index_tie_break: true}\n")):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", text + extra)
+        assert run_cli("merge", recipe, tmp_path / name, "--quiet") == 0
+        got, want = load_state(tmp_path / name), _in_memory(text + extra, base, fts, seed=0)
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+    mk, idx = load_state(tmp_path / "mk"), load_state(tmp_path / "idx")
+    assert any(not torch.equal(mk[k], idx[k]) for k in mk)  # the rules really differ here
+    assert "index_tie_break" in (tmp_path / "idx" / "README.md").read_text().split("## Opt-ins")[1]

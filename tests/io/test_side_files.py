@@ -87,7 +87,7 @@ def test_model_card_front_matter_and_sections() -> None:
         "## Recipe",
         "## Inputs",
         f"| `./a/model.safetensors` | `{'ab' * 32}` |",
-        "## Opt-ins that changed behaviour",
+        "## Opt-ins in effect (they change behaviour)",
         "- crop embeddings to the smallest vocabulary",
         "mergeforge 0.1.0",
     ):
@@ -105,5 +105,5 @@ def test_model_card_recipe_block_survives_backticks() -> None:
 def test_model_card_without_base_or_opt_ins() -> None:
     text = card(base_model=None, opt_ins=[])
     assert "base_model" not in front_matter(text)
-    opt_section = text.split("## Opt-ins that changed behaviour\n\n")[1]
+    opt_section = text.split("## Opt-ins in effect (they change behaviour)\n\n")[1]
     assert opt_section.startswith("none\n")

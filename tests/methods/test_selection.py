@@ -93,3 +93,14 @@ def test_sample_is_deterministic_and_independent_of_global_rng() -> None:
     a = sel.sample_abs(x, None, 1000)
     torch.manual_seed(2)
     assert torch.equal(a, sel.sample_abs(x, None, 1000))
+
+
+def test_first_k_mask_takes_ties_in_index_order() -> None:
+    from mergeforge.methods.selection import first_k_mask
+
+    x = torch.tensor([1.0, -2.0, 2.0, 0.5, 2.0, 3.0])
+    mask = first_k_mask(x, 3, 2.0)  # 3 above-or-at: |3| then the first two |2|s
+    assert mask.tolist() == [False, True, True, False, False, True]
+    b = torch.full_like(x, 0.5)
+    # |x − b| = [0.5, 2.5, 1.5, 0, 1.5, 2.5]: k = 1 at t = 2.5 keeps index 1, not 5
+    assert first_k_mask(x, 1, 2.5, base=b).tolist() == [False, True, False, False, False, False]

@@ -94,10 +94,26 @@ def test_ties_trim_scope_model_needs_thresholds(call) -> None:
         _ties(call, ZERO, trim_scope="model")
 
 
-def test_ties_keeps_all_entries_tied_at_the_threshold(call) -> None:
+def test_ties_keeps_exactly_k_when_ties_straddle_the_cut_as_mergekit(call) -> None:
     d = T([3.0, -3.0, 3.0, 1.0])  # density 0.5 -> k = 2, but three entries have |δ| = 3
     out = call("ties", [d], torch.zeros(4), weight=1.0, density=0.5)
-    assert torch.equal(out, T([3.0, -3.0, 3.0, 0.0]))
+    assert int(torch.count_nonzero(out)) == 2 and out[3] == 0
+    chosen = torch.argsort(d.abs(), descending=True)[:2]  # mergekit 0.1.5's own choice
+    want = torch.zeros(4)
+    want[chosen] = d[chosen]
+    assert torch.equal(out, want)
+
+
+def test_ties_ties_on_a_large_tensor_pick_mergekits_subset(call) -> None:
+    g = torch.Generator().manual_seed(5)
+    d = (torch.randn(200_003, generator=g) * 8).round() / 8  # few distinct magnitudes
+    out = call("ties", [d], torch.zeros_like(d), weight=1.0, density=0.37)
+    k = int(0.37 * d.numel())
+    want = torch.zeros_like(d)
+    chosen = torch.argsort(d.abs(), descending=True)[:k]
+    want[chosen] = d[chosen]
+    assert int(torch.count_nonzero(d[chosen])) == int(torch.count_nonzero(out))
+    assert torch.equal(out, want)
 
 
 def test_ties_matches_reference_on_many_chunks(call) -> None:
@@ -120,3 +136,9 @@ def test_ties_matches_reference_on_many_chunks(call) -> None:
     divisor[divisor == 0] = 1
     expected = base.reshape(-1) + (stacked * agree).sum(0) / divisor
     torch.testing.assert_close(out.reshape(-1), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_ties_index_tie_break_keeps_the_lowest_indices(call) -> None:
+    d = T([3.0, -3.0, 3.0, 1.0, 5.0])  # density 0.4 -> k = 2: 5 and the first of the three 3s
+    out = call("ties", [d], torch.zeros(5), weight=1.0, density=0.4, tie_break="index")
+    assert torch.equal(out, T([3.0, 0.0, 0.0, 0.0, 5.0]))

@@ -25,34 +25,46 @@ Sink = Callable[[TensorPlan, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class ExecOptions:
-    """How to run a plan. ``memory_budget`` in bytes (``None`` = 2 tensors in flight)."""
+    """How to run a plan: ``memory_budget`` bounds the bytes of tensors in flight (``None``: no
+    byte bound); at most ``in_flight`` tensors are held at once (one computing, the rest read
+    ahead), so reading overlaps computing without holding more than needed."""
 
     device: str = "cpu"
     seed: int = 0
     memory_budget: int | None = None
-    prefetch: int = 2
+    in_flight: int = 2
 
 
 class ByteBudget:
-    """A counting semaphore over bytes; one oversized request is admitted when nothing else is."""
+    """A semaphore over bytes and items; one oversized request is admitted when nothing else is."""
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, max_items: int) -> None:
         self.limit = limit
+        self.max_items = max_items
         self.used = 0
+        self.items = 0
         self.cond = threading.Condition()
+
+    def _full(self, n: int) -> bool:
+        if not self.items:
+            return False
+        over_bytes = self.limit is not None and self.used + n > self.limit
+        return over_bytes or self.items >= self.max_items
 
     def acquire(self, n: int, stop: threading.Event) -> bool:
         with self.cond:
-            while self.limit is not None and self.used and self.used + n > self.limit:
+            while self._full(n):
                 if stop.is_set():
                     return False
                 self.cond.wait(0.1)
             self.used += n
+            self.items += 1
             return True
 
     def release(self, n: int) -> None:
         with self.cond:
             self.used -= n
+            self.items -= 1
             self.cond.notify_all()
 
 
@@ -63,8 +75,8 @@ def run_plan(
     on_done: Callable[[TensorPlan], None] | None = None,
 ) -> None:
     """Compute every tensor of ``plan`` and pass it to ``sink`` in plan order."""
-    budget = ByteBudget(options.memory_budget)
-    for tp, raw in _prefetch(plan, budget, options.prefetch):
+    budget = ByteBudget(options.memory_budget, max(options.in_flight, 1))
+    for tp, raw in _prefetch(plan, budget):
         try:
             out = compute_tensor(plan, tp, raw, options)
             del raw
@@ -76,10 +88,11 @@ def run_plan(
 
 
 def _prefetch(
-    plan: MergePlan, budget: ByteBudget, depth: int
+    plan: MergePlan, budget: ByteBudget
 ) -> Iterator[tuple[TensorPlan, list[torch.Tensor]]]:
-    """Read the inputs of upcoming tensors on a background thread, in plan order."""
-    q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    """Read the inputs of upcoming tensors on a background thread, in plan order (the budget
+    decides how far ahead)."""
+    q: queue.Queue = queue.Queue()
     stop = threading.Event()
 
     def reader() -> None:
@@ -87,15 +100,9 @@ def _prefetch(
             for tp in plan.tensors:
                 if not budget.acquire(tp.work_bytes(), stop):
                     return
-                raw = [plan.checkpoints[s.model].read(s.info.name) for s in tp.sources()]
-                while not stop.is_set():
-                    try:
-                        q.put((tp, raw), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                else:
+                if stop.is_set():
                     return
+                q.put((tp, [plan.checkpoints[s.model].read(s.info.name) for s in tp.sources()]))
             q.put(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             q.put(exc)
@@ -125,6 +132,8 @@ def compute_tensor(
     base = xs[0] if tp.base is not None else None
     tensors = xs[1:] if tp.base is not None else xs
     kwargs = dict(tp.params)
+    if "tie_break" in plan.method.engine_kwargs:
+        kwargs["tie_break"] = tie_rule(plan, raw)
     if plan.method.stochastic:
         kwargs["generator"] = seeded_generator(options.seed, tp.name)
     out = plan.method.fn(tensors, base, **kwargs)
@@ -134,6 +143,15 @@ def compute_tensor(
             f"{tp.name!r}, expected {list(tp.shape)} (a bug in the method)"
         )
     return out.to(device="cpu", dtype=tp.dtype).contiguous()
+
+
+def tie_rule(plan: MergePlan, raw: list[torch.Tensor]) -> str:
+    """How a top-k trim breaks ties at its cut: mergekit's sort order where mergekit computes
+    the same |δ| values (fp32 inputs, fp32 arithmetic), so results are bit-identical; the lowest
+    indices otherwise (16-bit merges, where mergekit's arithmetic differs anyway; no sort)."""
+    fp32 = all(x.dtype == torch.float32 for x in raw)
+    parity = fp32 and plan.recipe.dtype in (None, "float32")
+    return "mergekit" if parity and "index_tie_break" not in plan.recipe.opt_ins else "index"
 
 
 def prepare_inputs(

@@ -71,14 +71,15 @@ class TensorPlan:
         return n * self.dtype.itemsize
 
     def work_bytes(self) -> int:
-        """Estimated memory while this tensor is in flight (raw inputs, fp32 copies, scratch)."""
+        """Estimated memory while this tensor is in flight: raw inputs, their fp32 copies (none
+        for fp32 inputs), method scratch and the output."""
         numel = 1
         for d in self.shape:
             numel *= d
-        fp32 = 4 * numel
-        k = len(self.sources())
-        scratch = SCRATCH_TENSORS if self.op == "merge" else 0
-        return self.in_bytes() + fp32 * (k + scratch) + self.out_bytes()
+        if self.op == "copy":
+            return self.in_bytes()
+        converted = sum(1 for s in self.sources() if s.info.dtype != torch.float32 or self.rows)
+        return self.in_bytes() + 4 * numel * (converted + SCRATCH_TENSORS) + self.out_bytes()
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def build_plan(recipe: Recipe) -> MergePlan:
     tensors, n_layers = _plan_tensors(recipe, spec, base, inputs, ckpts, reference, problems)
     if problems:
         raise PlanError(_what(recipe), problems)
-    used = tuple(sorted(o for o in recipe.opt_ins if any(o in t.note for t in tensors)))
+    used = tuple(sorted(recipe.opt_ins))
     return MergePlan(
         recipe, spec, base, labels, ckpts, paths, tuple(tensors), reference, n_layers, used
     )

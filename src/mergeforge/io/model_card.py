@@ -74,7 +74,7 @@ def render_model_card(
         "| --- | --- |",
         *(f"| `{_cell(path)}` | `{digest}` |" for path, digest in inputs),
         "",
-        "## Opt-ins that changed behaviour",
+        "## Opt-ins in effect (they change behaviour)",
         "",
         *([f"- {_cell(o)}" for o in opt_ins] or ["none"]),
         "",

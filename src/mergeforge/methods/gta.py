@@ -21,6 +21,7 @@ one bool mask per model.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -41,11 +42,12 @@ from mergeforge.methods.primitives import (
     weight_column,
     weighted_sum,
 )
-from mergeforge.methods.selection import magnitude_threshold
+from mergeforge.methods.selection import first_k_mask, keep_count, magnitude_cut, top_k_mask
 from mergeforge.methods.spec import ParamSpec
 
 Sparsifier = Literal["none", "magnitude", "random"]
 Rescale = Literal["none", "l1", "inverse"]
+TieBreak = Literal["mergekit", "index"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class GTAOptions:
     rescale: Rescale
     normalize: bool
     lam: float
+    tie_break: TieBreak = "mergekit"
 
 
 WEIGHT = ParamSpec(
@@ -199,14 +202,13 @@ def _plan(
     if opts.sparsifier == "none":
         return _Sparse()
     if opts.sparsifier == "magnitude":
-        if threshold is None:
-            if density >= 1:  # mergekit returns δ untouched: no trim, no rescale
-                return _Sparse()
-            threshold = magnitude_threshold(x, density, base=b)
+        sparse = _magnitude(x, b, density, threshold, opts.tie_break)
+        if sparse is None:  # mergekit returns δ untouched: no trim, no rescale
+            return _Sparse()
         if opts.rescale == "none":
-            return _Sparse(threshold=threshold)
-        before, after = _l1_after_trim(x, b, threshold)
-        return _Sparse(threshold=threshold, factor=_factor(opts.rescale, before, after, density))
+            return sparse
+        before, after = _l1_after(x, b, sparse)
+        return dataclasses.replace(sparse, factor=_factor(opts.rescale, before, after, density))
     if density >= 1:  # mergekit: no draws, no rescale
         return _Sparse()
     assert generator is not None
@@ -222,13 +224,37 @@ def _plan(
     return _Sparse(mask=mask, factor=_factor(opts.rescale, before, after, density))
 
 
-def _l1_after_trim(x: Tensor, b: Tensor, threshold: float) -> tuple[float, float]:
-    """``(‖δ‖₁, ‖trim_below(δ, t)‖₁)`` in one chunked pass."""
+def _magnitude(
+    x: Tensor, b: Tensor, density: float, threshold: float | None, tie_break: TieBreak
+) -> _Sparse | None:
+    """The magnitude trim of one model: keep ``|δ| ≥ t``; ``None`` when nothing is trimmed.
+
+    A given ``threshold`` (whole-model trim) keeps every entry tied with it. A per-tensor trim
+    keeps exactly ``k = keep_count(n, d)`` entries like mergekit. When entries tied with the k-th
+    largest straddle the cut, ``tie_break`` picks among them: ``mergekit`` = mergekit 0.1.5's own
+    (unstable but deterministic) sort order, bit-exact parity at the price of sorting that tensor;
+    ``index`` = the lowest flat indices, no sort.
+    """
+    if threshold is not None:
+        return _Sparse(threshold=threshold)
+    if density >= 1:
+        return None
+    t, kept = magnitude_cut(x, density, base=b)
+    k = keep_count(x.numel(), density)
+    if kept <= k:
+        return _Sparse(threshold=t)
+    if tie_break == "mergekit":
+        return _Sparse(mask=top_k_mask(x, k, base=b))
+    return _Sparse(mask=first_k_mask(x, k, t, base=b))
+
+
+def _l1_after(x: Tensor, b: Tensor, sparse: _Sparse) -> tuple[float, float]:
+    """``(‖δ‖₁, ‖sparsified δ‖₁)`` in one chunked pass."""
     before = after = 0.0
     for sl in chunk_slices(x.numel()):
         delta = x[sl] - b[sl]  # (c,)
         before += float(delta.abs().sum())
-        after += float(trim_below(delta, threshold).abs().sum())
+        after += float(_rebuild(x[sl], b[sl], sparse, sl).abs().sum())
     return before, after
 
 

@@ -53,20 +53,58 @@ def magnitude_threshold(x: Tensor, density: float, *, base: Tensor | None = None
     ``base`` (optional, same shape) lets a caller trim a task vector without materialising it.
     Returns ``0.0`` when everything is kept and ``inf`` when nothing is (``d ≤ 0``).
     """
+    return magnitude_cut(x, density, base=base)[0]
+
+
+def magnitude_cut(x: Tensor, density: float, *, base: Tensor | None = None) -> tuple[float, int]:
+    """``(t, m)``: the threshold of ``magnitude_threshold`` and how many entries have ``|δ| ≥ t``.
+
+    ``m`` exceeds ``keep_count(numel, d)`` exactly when entries tied with ``t`` straddle the cut.
+    """
     n = x.numel()
     k = keep_count(n, density)
     if k == 0:
-        return math.inf
+        return math.inf, 0
     if k == n:
-        return 0.0
+        return 0.0, n
     flat = x.reshape(-1)  # (n,)
     flat_base = None if base is None else base.reshape(-1)  # (n,)
-    if n <= DIRECT_MAX:
-        return _exact_kth_largest(flat, flat_base, k)
-    lo, hi = bracket(sample_abs(flat, flat_base, sample_size(n)), k / n)
-    above, candidates = count_and_collect(flat, flat_base, lo, hi)
-    t = select_in_bracket(above, candidates, k)
-    return _exact_kth_largest(flat, flat_base, k) if t is None else t
+    if n > DIRECT_MAX:
+        lo, hi = bracket(sample_abs(flat, flat_base, sample_size(n)), k / n)
+        above, candidates = count_and_collect(flat, flat_base, lo, hi)
+        t = select_in_bracket(above, candidates, k)
+        if t is not None:
+            return t, above + int(torch.count_nonzero(candidates >= t))
+    a = _abs_delta(flat, flat_base)  # (n,)
+    t = float(torch.kthvalue(a, n - k + 1).values)
+    return t, int(torch.count_nonzero(a >= t))
+
+
+def first_k_mask(x: Tensor, k: int, t: float, *, base: Tensor | None = None) -> Tensor:
+    """Bool mask (flat) of exactly the k largest ``|x − base|`` given their threshold ``t``: all
+    entries above ``t``, then the tied entries equal to ``t`` with the lowest flat indices."""
+    a = _abs_delta(x.reshape(-1), None if base is None else base.reshape(-1))  # (n,)
+    mask = a > t  # (n,)
+    need = k - int(torch.count_nonzero(mask))
+    if need > 0:
+        tied = torch.nonzero(a == t).squeeze(1)[:need]  # (need,) lowest indices first
+        mask[tied] = True
+    return mask
+
+
+def top_k_mask(x: Tensor, k: int, *, base: Tensor | None = None) -> Tensor:
+    """Bool mask (flat) of exactly the k largest ``|x − base|``, chosen as mergekit 0.1.5 chooses
+    them: ``argsort(|δ|, descending=True)[:k]`` on fp32. Among entries tied at the cut that sort
+    (not stable, but deterministic for the same values) decides; used only when ties straddle it.
+    """
+    flat = x.reshape(-1)
+    a = _abs_delta(flat, None if base is None else base.reshape(-1)).float()  # (n,) our copy
+    order = torch.empty(a.numel(), dtype=torch.int64, device=a.device)  # (n,)
+    torch.sort(a, descending=True, out=(a, order))  # = argsort(|δ|), sorting a in place
+    del a
+    mask = torch.zeros(order.numel(), dtype=torch.bool, device=order.device)  # (n,)
+    mask[order[:k]] = True
+    return mask
 
 
 def sample_size(n: int) -> int:
@@ -76,12 +114,6 @@ def sample_size(n: int) -> int:
 
 def _abs_delta(x: Tensor, base: Tensor | None) -> Tensor:
     return x.abs() if base is None else (x - base).abs_()
-
-
-def _exact_kth_largest(flat: Tensor, flat_base: Tensor | None, k: int) -> float:
-    """k-th largest of ``|x − base|`` by ``torch.kthvalue`` (the (n − k + 1)-th smallest)."""
-    a = _abs_delta(flat, flat_base)  # (n,)
-    return float(torch.kthvalue(a, a.numel() - k + 1).values)
 
 
 def sample_abs(flat: Tensor, flat_base: Tensor | None, size: int) -> Tensor:

@@ -104,6 +104,8 @@ class MethodSpec:
     category: Category = "data-free"
     min_models: int = 1
     max_models: int | None = None
+    engine_kwargs: tuple[str, ...] = ()
+    """Keywords the engine supplies besides the parameters (never set by recipes)."""
 
     def param(self, name: str) -> ParamSpec | None:
         """The parameter called ``name``, or ``None``."""

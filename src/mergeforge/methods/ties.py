@@ -30,6 +30,7 @@ from mergeforge.methods.gta import (
     LAMBDA,
     WEIGHT,
     GTAOptions,
+    TieBreak,
     gta_merge,
     normalize_param,
     pop_lambda,
@@ -53,13 +54,16 @@ def ties(
     consensus: Consensus = "sum",
     trim_scope: TrimScope = "tensor",
     threshold: Sequence[float] | None = None,
+    tie_break: TieBreak = "mergekit",
     **extra: float,
 ) -> Tensor:
     """TIES merge of one tensor (see the module docstring); ``lambda`` arrives in ``extra``.
 
     With ``trim_scope="model"`` the trim keeps ``|δ_i| ≥ threshold[i]`` (thresholds of the
     unweighted task vectors, one per model, from a pass over the whole model); with
-    ``trim_scope="tensor"`` ``threshold`` is ignored and each tensor keeps its top ``d_i``.
+    ``trim_scope="tensor"`` ``threshold`` is ignored and each tensor keeps exactly its top
+    ``k = max(1, int(d_i·n))``; ``tie_break`` decides among entries tied at the cut (see
+    ``gta._magnitude``). ``threshold`` and ``tie_break`` are supplied by the engine, not recipes.
     """
     if trim_scope == "model" and threshold is None:
         raise MethodError(
@@ -72,6 +76,7 @@ def ties(
         rescale="l1" if rescale else "none",
         normalize=normalize,
         lam=pop_lambda("ties", extra),
+        tie_break=tie_break,
     )
     thresholds = threshold if trim_scope == "model" else None
     return gta_merge("ties", tensors, base, weight, density, opts, thresholds=thresholds)
@@ -108,4 +113,5 @@ TIES = MethodSpec(
     locality="tensor",
     stochastic=False,
     paper="https://arxiv.org/abs/2306.01708",
+    engine_kwargs=("threshold", "tie_break"),
 )
