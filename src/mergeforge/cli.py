@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir")
     m.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     m.add_argument("--threads", type=int, default=None, help="torch threads for the math")
-    m.add_argument("--memory-budget", type=parse_size, default=None, help="e.g. 4GB")
+    m.add_argument(
+        "--memory-budget", type=parse_size, default=None,
+        help="bytes of tensors in flight, e.g. 4GB (default: what the largest tensor needs, "
+        "at least 512MiB)",
+    )  # fmt: skip
     m.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), help="default 5GB")
     m.add_argument("--seed", type=int, default=0, help="seed of stochastic methods (default 0)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")

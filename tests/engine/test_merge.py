@@ -230,3 +230,50 @@ def test_fp32_ties_at_the_cut_follow_mergekit_unless_index_tie_break(tmp_path):
     mk, idx = load_state(tmp_path / "mk"), load_state(tmp_path / "idx")
     assert any(not torch.equal(mk[k], idx[k]) for k in mk)  # the rules really differ here
     assert "index_tie_break" in (tmp_path / "idx" / "README.md").read_text().split("## Opt-ins")[1]
+
+
+def test_bin_and_sharded_inputs_merge_like_safetensors(llama_family, tmp_path):
+    """The same models as sharded .bin (with index) and as one .safetensors give the same merge."""
+    import shutil
+
+    base, fts = llama_family
+    ref_recipe = write_recipe(tmp_path / "ref.yaml", _fmt(TIES, base, fts))
+    assert run_cli("merge", ref_recipe, tmp_path / "ref", "--quiet") == 0
+    converted = []
+    for i, src in enumerate([base, *fts]):
+        dst = tmp_path / f"bin{i}"
+        shutil.copytree(src, dst)
+        state = load_state(dst)
+        (dst / "model.safetensors").unlink()
+        names = sorted(state)
+        half = len(names) // 2
+        shards = {"pytorch_model-00001-of-00002.bin": names[:half],
+                  "pytorch_model-00002-of-00002.bin": names[half:]}  # fmt: skip
+        for file, keys in shards.items():
+            torch.save({k: state[k] for k in keys}, dst / file)
+        weight_map = {k: f for f, keys in shards.items() for k in keys}
+        (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        converted.append(dst)
+    recipe = write_recipe(tmp_path / "bin.yaml", _fmt(TIES, converted[0], converted[1:]))
+    assert run_cli("merge", recipe, tmp_path / "out", "--quiet") == 0
+    ref, got = load_state(tmp_path / "ref"), load_state(tmp_path / "out")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_tokenizer_and_generation_files_come_from_tokenizer_source(llama_family, tmp_path):
+    import shutil
+
+    base, fts = llama_family
+    donor = tmp_path / "donor"
+    shutil.copytree(fts[1], donor)
+    (donor / "tokenizer.json").write_text('{"donor": true}')
+    (donor / "tokenizer_config.json").write_text("{}")
+    text = _fmt(TIES, base, fts)
+    assert run_cli("merge", write_recipe(tmp_path / "a.yaml", text), tmp_path / "a", "--quiet") == 0
+    assert not (tmp_path / "a" / "tokenizer.json").exists()  # the base has none
+    assert (tmp_path / "a" / "generation_config.json").exists()  # the base has one
+    r = write_recipe(tmp_path / "b.yaml", text + f"tokenizer_source: {donor}\n")
+    assert run_cli("merge", r, tmp_path / "b", "--quiet") == 0
+    assert (tmp_path / "b" / "tokenizer.json").read_text() == '{"donor": true}'
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg == json.loads((base / "config.json").read_text())  # no dtype in the recipe

@@ -69,7 +69,8 @@ def merge(
         with atomic_output_dir(out, overwrite) as tmp:
             hashes = _HashInputs(plan)
             entries = [(t.name, t.dtype, t.shape) for t in plan.tensors]
-            options = ExecOptions(device=device, seed=seed, memory_budget=memory_budget)
+            budget = plan.default_budget() if memory_budget is None else memory_budget
+            options = ExecOptions(device=device, seed=seed, memory_budget=budget)
             plan = with_global_stats(plan, options)
             meta = {"mergeforge": __version__}
             writer = ShardedWriter(tmp, entries, shard_size, metadata=meta)

@@ -30,6 +30,8 @@ DTYPES = {
 }
 SCRATCH_TENSORS = 3  # fp32 tensor-sized buffers a method needs besides its inputs (estimate)
 MAX_LISTED = 8
+MIN_DEFAULT_BUDGET = 512 * 2**20
+RUNTIME_OVERHEAD = 300 * 2**20  # interpreter, torch and its allocator, measured order of size
 
 
 @dataclass(frozen=True)
@@ -109,11 +111,17 @@ class MergePlan:
     def largest_tensor_bytes(self) -> int:
         return max((t.work_bytes() for t in self.tensors), default=0)
 
-    def peak_bytes(self, prefetch: int = 1) -> int:
-        """Estimated peak memory: the largest in-flight tensors (one computing, ``prefetch`` read
-        ahead) plus a fixed overhead for the interpreter and torch."""
-        sizes = sorted((t.work_bytes() for t in self.tensors), reverse=True)
-        return sum(sizes[: 1 + prefetch]) + 300 * 2**20
+    def default_budget(self) -> int:
+        """Bytes in flight when ``--memory-budget`` is not given: room for the largest tensor
+        (so the big ones never overlap), at least ``MIN_DEFAULT_BUDGET`` (small tensors overlap)."""
+        return max(self.largest_tensor_bytes, MIN_DEFAULT_BUDGET)
+
+    def peak_bytes(self, budget: int | None = None) -> int:
+        """Estimated peak memory: the tensors in flight (at most two, together within the budget
+        unless one alone exceeds it) plus a fixed overhead for the interpreter and torch."""
+        limit = self.default_budget() if budget is None else budget
+        sizes = [*sorted((t.work_bytes() for t in self.tensors), reverse=True), 0, 0]
+        return max(sizes[0], min(limit, sizes[0] + sizes[1])) + RUNTIME_OVERHEAD
 
     def close(self) -> None:
         """Close every checkpoint file handle."""
