@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import NoReturn
+
+import pytest
 
 
 def write_recipe(path: Path, text: str) -> Path:
@@ -16,3 +20,24 @@ def run_cli(*args: object) -> int:
     from mergeforge.cli import main
 
     return main([str(a) for a in args])
+
+
+def mergekit_missing(why: str) -> NoReturn:
+    """mergekit 0.1.5 is not installed: skip on a developer machine, fail under `make test` (CI
+    sets MERGEFORGE_REQUIRE_PARITY=1), so parity is never silently left out."""
+    if os.environ.get("MERGEFORGE_REQUIRE_PARITY") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mergekit_python() -> Path | None:
+    """The interpreter of a mergekit 0.1.5 venv: ``$MERGEKIT_PYTHON``, ``.venv-mergekit`` (made by
+    `make mergekit-venv`), or a scratch venv at /tmp/venvs/mk; ``None`` when there is none."""
+    configured = os.environ.get("MERGEKIT_PYTHON", str(REPO / ".venv-mergekit" / "bin" / "python"))
+    for candidate in (configured, "/tmp/venvs/mk/bin/python"):
+        if Path(candidate).is_file():
+            return Path(candidate)
+    return None

@@ -256,3 +256,11 @@ def test_memory_budget_below_largest_tensor(capsys, tmp_path, fam):
     )
     err = capsys.readouterr().err
     assert code != 0 and "memory budget" in err and not (tmp_path / "out").exists()
+
+
+def test_della_spread_outside_zero_one_is_found_by_validate(capsys, tmp_path, fam):
+    base, fts = fam
+    r = _recipe(tmp_path, base, fts, method="della", extra=", density: 0.9, epsilon: 0.2")
+    assert run_cli("validate", r) != 0
+    err = capsys.readouterr().err
+    assert "density 0.9" in err and "epsilon 0.2" in err and "Traceback" not in err

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import mergekit_missing, mergekit_python
 from mergeforge.methods import get_method, primitives, selection
 from mergeforge.methods.primitives import elect_sign, random_drop, rescale_l1, trim_magnitude
 
@@ -29,14 +30,6 @@ pytestmark = pytest.mark.parity
 
 REPO = Path(__file__).resolve().parents[2]
 REL_TOL = 1e-6
-
-
-def _mergekit_python() -> Path | None:
-    configured = os.environ.get("MERGEKIT_PYTHON", str(REPO / ".venv-mergekit" / "bin" / "python"))
-    for candidate in (configured, "/tmp/venvs/mk/bin/python"):
-        if Path(candidate).is_file():
-            return Path(candidate)
-    return None
 
 
 # Runs CASES.pt through mergekit 0.1.5 and saves one tensor per case to OUT.pt.
@@ -199,15 +192,13 @@ CASES, OURS, IDS = _build()
 
 @pytest.fixture(scope="module")
 def mergekit_results(tmp_path_factory: pytest.TempPathFactory) -> list[torch.Tensor]:
-    python = _mergekit_python()
+    python = mergekit_python()
     if python is None:
         why = (
             "mergekit 0.1.5 not found: set MERGEKIT_PYTHON to its interpreter, or run "
             "`make mergekit-venv`"
         )
-        if os.environ.get("MERGEFORGE_REQUIRE_PARITY") == "1":  # `make test` / CI: never skip
-            pytest.fail(why)
-        pytest.skip(why)
+        mergekit_missing(why)
     tmp = tmp_path_factory.mktemp("mk_kernels")
     torch.save(CASES, tmp / "cases.pt")
     proc = subprocess.run(

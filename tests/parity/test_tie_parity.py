@@ -6,12 +6,10 @@ reproduces that choice for fp32 merges, so the outputs must be equal, not merely
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from helpers import write_recipe
+from helpers import mergekit_missing, write_recipe
 from models import load_state, make_family
 from parity.parity_harness import SEED, MergeforgeRunner, MergekitRunner
 
@@ -33,9 +31,7 @@ def _tied_family(root):
 def test_ties_at_the_cut_are_bit_identical_to_mergekit(tmp_path):
     runner = MergekitRunner.locate()
     if runner is None:
-        if os.environ.get("MERGEFORGE_REQUIRE_PARITY") == "1":
-            pytest.fail("mergekit 0.1.5 not found (run `make mergekit-venv`)")
-        pytest.skip("mergekit 0.1.5 not found")
+        mergekit_missing("mergekit 0.1.5 not found (run `make mergekit-venv`)")
     base, fts = _tied_family(tmp_path / "fam")
     recipe = write_recipe(
         tmp_path / "ties.yml",

@@ -136,7 +136,10 @@ def compute_tensor(
         kwargs["tie_break"] = tie_rule(plan, raw)
     if plan.method.stochastic:
         kwargs["generator"] = seeded_generator(options.seed, tp.name)
-    out = plan.method.fn(tensors, base, **kwargs)
+    try:
+        out = plan.method.fn(tensors, base, **kwargs)
+    except MethodError as exc:  # say which tensor; the method cannot know its name
+        raise MethodError(f"tensor {tp.name!r}: {exc}") from None
     if tuple(out.shape) != tp.shape:
         raise MethodError(
             f"method {plan.method.name!r} returned shape {list(out.shape)} for tensor "

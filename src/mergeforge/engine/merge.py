@@ -26,6 +26,7 @@ from mergeforge.engine.plan import MergePlan, build_plan
 from mergeforge.errors import OutputError, PlanError
 from mergeforge.io import (
     ShardedWriter,
+    arch,
     atomic_output_dir,
     copy_side_files,
     render_model_card,
@@ -169,6 +170,8 @@ def _output_config(plan: MergePlan) -> dict | None:
     if ref.config is None:
         return None
     cfg = copy.deepcopy(ref.config)
+    if plan.recipe.slices and plan.num_layers is not None:  # layer stacking changes the depth
+        arch.set_num_layers(cfg, plan.num_layers)
     wanted = plan.recipe.out_dtype or plan.recipe.dtype
     if wanted:  # as mergekit: recorded only when the recipe sets a dtype
         cfg["dtype"] = wanted

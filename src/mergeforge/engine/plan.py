@@ -8,6 +8,7 @@ and bytes to read and write. All problems are collected and raised as one ``Plan
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Literal
 
 import torch
 
-from mergeforge.config import ModelEntry, Params, Recipe
-from mergeforge.engine.models import open_models, same_model
+from mergeforge.config import Recipe
+from mergeforge.engine.layout import Job, jobs_for, make_groups, output_layers
+from mergeforge.engine.models import open_models
 from mergeforge.engine.params import check_params, resolve_params
 from mergeforge.errors import PlanError
 from mergeforge.io import Checkpoint, TensorInfo, arch
@@ -138,137 +140,50 @@ def build_plan(recipe: Recipe) -> MergePlan:
         raise PlanError(
             _what(recipe), [f"unknown merge_method {recipe.merge_method!r}; known methods: {known}"]
         )
-    if recipe.slices:
-        problems.append(
-            "`slices:` recipes (layer stacking) are not supported yet; use `models:` "
-            "(the same layers of every model)"
-        )
     ckpts, paths, open_problems = open_models(recipe, recipe.model_paths())
     problems += open_problems
-    base, inputs = _split_base(recipe, spec, paths, problems)
-    problems += check_params(spec, recipe.parameters, [(m.model, m.parameters) for m in inputs])
-    if problems or any(m.model not in ckpts for m in inputs) or (base and base not in ckpts):
+    groups = make_groups(recipe, spec, paths, problems)
+    for g in groups:
+        pairs = [(m.model, m.parameters) for m in g.inputs]
+        problems += check_params(spec, {**recipe.parameters, **g.params}, pairs)
+    problems = list(dict.fromkeys(problems))  # the same problem once, even if every slice has it
+    if problems or any(lb not in ckpts for g in groups for lb in g.labels):
         raise PlanError(_what(recipe), problems)
-    labels = tuple(m.model for m in inputs)
-    reference = base or labels[0]
-    tensors, n_layers = _plan_tensors(recipe, spec, base, inputs, ckpts, reference, problems)
+    jobs = jobs_for(recipe, groups, ckpts, problems)
+    tensors = [t for job in jobs if (t := _plan_job(recipe, spec, job, ckpts, problems))]
+    _trim_listing(problems)
     if problems:
         raise PlanError(_what(recipe), problems)
+    inputs = tuple(dict.fromkeys(m.model for g in groups for m in g.inputs))
+    reference = groups[0].labels[0]
+    n_layers = output_layers(recipe, groups) or arch.num_layers(ckpts[reference].config)
     used = tuple(sorted(recipe.opt_ins))
-    return MergePlan(
-        recipe, spec, base, labels, ckpts, paths, tuple(tensors), reference, n_layers, used
-    )
+    return MergePlan(recipe, spec, groups[0].base, inputs, ckpts, paths, tuple(tensors),
+                     reference, n_layers, used)  # fmt: skip
 
 
 def _what(recipe: Recipe) -> str:
     return f"cannot merge {recipe.path}" if recipe.path else "cannot merge"
 
 
-def _split_base(recipe: Recipe, spec: MethodSpec, paths: Mapping[str, Path], problems: list[str]):
-    """Separate the base model from the other inputs, as mergekit 0.1.5 does.
-
-    A ``models:`` entry naming the base model is the base (its parameters are not used); for a
-    method that does not use a base (``linear``) the base is one more ordinary input.
-    """
-    base = recipe.base_model
-    if spec.base == "unused":
-        # mergekit adds an unlisted base as an ordinary last input (it then needs a weight too)
-        inputs = list(recipe.models)
-        listed = any(m.model == base or same_model(paths.get(m.model), paths.get(base or ""))
-                     for m in inputs)  # fmt: skip
-        if base and not listed:
-            inputs.append(ModelEntry(base))
-        base = None
-    else:
-        inputs = [
-            m
-            for m in recipe.models
-            if not (base and (m.model == base or same_model(paths.get(m.model), paths.get(base))))
-        ]
-    if spec.base == "required" and not base:
-        problems.append(
-            f"method {spec.name!r} needs a `base_model:` (the model the others were fine-tuned from)"
-        )
-    if len(inputs) < spec.min_models:
-        problems.append(
-            f"method {spec.name!r} needs at least {spec.min_models} model(s) besides the base, "
-            f"got {len(inputs)}"
-        )
-    if spec.max_models is not None and len(inputs) > spec.max_models:
-        problems.append(
-            f"method {spec.name!r} takes at most {spec.max_models} model(s) besides the base, "
-            f"got {len(inputs)}"
-        )
-    return base, inputs
-
-
-def _plan_tensors(recipe, spec, base, inputs, ckpts, reference, problems):
-    labels = [m.model for m in inputs]
-    all_labels = ([base] if base else []) + labels
-    ref = ckpts[reference]
-    n_layers = arch.num_layers(ref.config) or _infer_layers(ref)
-    names = _output_names(ref, [ckpts[lb] for lb in all_labels], all_labels, problems)
-    global_levels: list[Params] = [recipe.parameters]
-    model_levels = [[m.parameters, recipe.parameters] for m in inputs]
-    out: list[TensorPlan] = []
-    for name in names:
-        sources = {}
-        for lb in all_labels:
-            src = _find_source(name, lb, ckpts[lb], problems)
-            if src is not None:
-                sources[lb] = src
-        if len(sources) != len(all_labels):
-            continue
-        plan = _plan_one(recipe, spec, name, sources, base, labels, n_layers, problems)
-        if plan is not None:
-            params, rp = resolve_params(
-                spec, global_levels, model_levels, name, _position(name, n_layers)
-            )
-            problems.extend(rp[:1])
-            out.append(_with_params(plan, params))
-    _trim_listing(problems)
-    return out, n_layers
-
-
-def _with_params(plan: TensorPlan, params: dict) -> TensorPlan:
-    if plan.op != "merge":
+def _plan_job(recipe, spec, job: Job, ckpts, problems: list[str]) -> TensorPlan | None:
+    g = job.group
+    sources = {}
+    for lb in g.labels:
+        src = _find_source(job.reads[lb], lb, ckpts[lb], problems)
+        if src is not None:
+            sources[lb] = src
+    if len(sources) != len(g.labels):
+        return None
+    labels = [m.model for m in g.inputs]
+    plan = _plan_one(recipe, job.name, sources, g.base, labels, problems)
+    if plan is None or plan.op != "merge":
         return plan
-    return TensorPlan(
-        plan.name, plan.shape, plan.dtype, plan.op, plan.inputs, plan.base, params,
-        plan.rows, plan.note,
-    )  # fmt: skip
-
-
-def _position(name: str, n_layers: int | None) -> float:
-    """Layer position t in [0, 1] for gradients: layer i of n → i/(n−1); other tensors → 0."""
-    i = arch.layer_index(name)
-    if i is None or not n_layers:
-        return 0.0
-    return i / (n_layers - 1) if n_layers > 1 else 1.0
-
-
-def _infer_layers(ck: Checkpoint) -> int | None:
-    idx = [i for n in ck.tensors if (i := arch.layer_index(n)) is not None]
-    return max(idx) + 1 if idx else None
-
-
-def _output_names(ref: Checkpoint, ckpts, labels, problems: list[str]) -> list[str]:
-    """Reference tensor names, plus tensors other models have that the reference ties away."""
-    names = list(ref.tensors)
-    seen = set(names)
-    for ck, lb in zip(ckpts, labels, strict=True):
-        for n in ck.tensors:
-            if n in seen:
-                continue
-            if arch.tied_source(n, ref.tensors) and arch.ties_word_embeddings(ref.config):
-                names.append(n)
-                seen.add(n)
-            else:
-                problems.append(
-                    f"tensor {n!r} is in model {lb!r} ({ck.tensors[n].file.name}) but not in "
-                    f"the reference model; the models must have the same architecture"
-                )
-    return names
+    params, rp = resolve_params(spec, job.global_levels, job.model_levels, job.name, job.t)
+    problems.extend(rp[:1])
+    if spec.check is not None and not rp:
+        problems.extend(f"tensor {job.name!r}: {p}" for p in spec.check(params)[:1])
+    return dataclasses.replace(plan, params=params)
 
 
 def _find_source(name: str, label: str, ck: Checkpoint, problems: list[str]) -> Source | None:
@@ -284,7 +199,7 @@ def _find_source(name: str, label: str, ck: Checkpoint, problems: list[str]) -> 
     return None
 
 
-def _plan_one(recipe, spec, name, sources, base, labels, n_layers, problems) -> TensorPlan | None:
+def _plan_one(recipe, name, sources, base, labels, problems) -> TensorPlan | None:
     first = sources[base] if base else sources[labels[0]]
     info = first.info
     if not info.dtype.is_floating_point:

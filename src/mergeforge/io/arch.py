@@ -37,6 +37,22 @@ TIED_WEIGHTS: tuple[tuple[str, str], ...] = (
     ("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight"),
 )
 
+# Tensors outside the layers that come after them (final norm, heads): in a `slices:` recipe
+# they are taken from the last slice's models; every other non-layer tensor from the first's.
+POST_LAYER_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
+    re.compile(p)
+    for p in (
+        r"^(?:model\.)?norm\.",  # Llama-style final norm
+        r"(?:^|\.)ln_f\.",  # GPT-2 final norm
+        r"(?:^|\.)final_layer_?norm\.",
+        r"^lm_head\.",
+        r"^(?:bert\.|roberta\.)?pooler\.",
+        r"^classifier\.",
+        r"^score\.",
+        r"^cls\.",
+    )
+)
+
 # Tensors whose first axis is the vocabulary (embeddings and output heads).
 VOCAB_TENSOR_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
     re.compile(p)
@@ -105,3 +121,20 @@ def tied_source(name: str, available: Mapping[str, object]) -> str | None:
         if out == name and src in available:
             return src
     return None
+
+
+def is_post_layer(name: str) -> bool:
+    """Whether a non-layer tensor belongs after the layers (final norm, output heads)."""
+    return any(p.search(name) for p in POST_LAYER_PATTERNS)
+
+
+def set_num_layers(config: dict, n: int) -> None:
+    """Set the layer count in a config.json mapping (the first known key that is present)."""
+    for key in NUM_LAYERS_KEYS:
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None  # type: ignore[assignment]
+        if isinstance(node, dict) and last in node:
+            node[last] = n
+            return

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from mergeforge.errors import MethodError
+from mergeforge.methods.arcee_fusion import ARCEE_FUSION
+from mergeforge.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from mergeforge.methods.dare import DARE_LINEAR, DARE_TIES
+from mergeforge.methods.della import DELLA, DELLA_LINEAR
 from mergeforge.methods.linear import LINEAR
+from mergeforge.methods.model_stock import MODEL_STOCK
+from mergeforge.methods.nearswap import NEARSWAP
+from mergeforge.methods.passthrough import PASSTHROUGH
+from mergeforge.methods.ram import RAM, RAMPLUS_TL
+from mergeforge.methods.sce import SCE
+from mergeforge.methods.slerp import NUSLERP, SLERP
 from mergeforge.methods.spec import MethodSpec
+from mergeforge.methods.spherical import KARCHER, MULTISLERP
 from mergeforge.methods.task_arithmetic import TASK_ARITHMETIC
 from mergeforge.methods.ties import TIES
 
@@ -15,6 +25,21 @@ REGISTRY: tuple[MethodSpec, ...] = (
     TIES,
     DARE_LINEAR,
     DARE_TIES,
+    BREADCRUMBS,
+    BREADCRUMBS_TIES,
+    DELLA,
+    DELLA_LINEAR,
+    PASSTHROUGH,
+    SLERP,
+    NUSLERP,
+    MULTISLERP,
+    KARCHER,
+    MODEL_STOCK,
+    SCE,
+    ARCEE_FUSION,
+    NEARSWAP,
+    RAM,
+    RAMPLUS_TL,
 )
 
 

@@ -16,7 +16,7 @@ parameter resolution (gradients, filters) are the engine's job, not the method's
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -106,6 +106,9 @@ class MethodSpec:
     max_models: int | None = None
     engine_kwargs: tuple[str, ...] = ()
     """Keywords the engine supplies besides the parameters (never set by recipes)."""
+    check: Callable[[Mapping[str, object]], list[str]] | None = None
+    """Problems with a combination of one tensor's resolved parameters (each parameter alone is
+    checked against its ParamSpec); the planner reports them before any tensor is read."""
 
     def param(self, name: str) -> ParamSpec | None:
         """The parameter called ``name``, or ``None``."""
