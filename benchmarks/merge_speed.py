@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,8 +94,9 @@ def _inner_seconds(tool: str, text: str) -> float | None:
     return None
 
 
-def write_recipe(path: Path, models: _synthetic.ModelSet) -> Path:
-    """The TIES recipe both tools run (mergekit YAML schema)."""
+def write_recipe(path: Path, models: _synthetic.ModelSet, opt_ins: Sequence[str] = ()) -> Path:
+    """The TIES recipe both tools run (mergekit YAML schema); ``opt_ins`` adds a ``mergeforge:``
+    block of opt-ins (a recipe for mergeforge only)."""
     lines = [
         "merge_method: ties",
         f"base_model: {models.base}",
@@ -104,7 +105,10 @@ def write_recipe(path: Path, models: _synthetic.ModelSet) -> Path:
     for ft in models.finetunes:
         lines += [f"  - model: {ft}", "    parameters:", f"      density: {DENSITY}"]
         lines += ["      weight: 1.0"]
-    lines += ["parameters:", "  normalize: true", "dtype: float32", ""]
+    lines += ["parameters:", "  normalize: true", "dtype: float32"]
+    if opt_ins:
+        lines += ["mergeforge:", *(f"  {o}: true" for o in opt_ins)]
+    lines.append("")
     path.write_text("\n".join(lines))
     return path
 
@@ -113,9 +117,15 @@ Command = Callable[[Path], list[str]]  # OUT_DIR -> argv
 
 
 def tool_commands(
-    recipe: Path, models: _synthetic.ModelSet, mergekit: Path | None, threads: int | None
+    recipe: Path,
+    models: _synthetic.ModelSet,
+    mergekit: Path | None,
+    threads: int | None,
+    ours_recipe: Path | None = None,
 ) -> dict[str, tuple[Command, dict[str, str]]]:
-    """name -> (argv for an OUT_DIR, env) for mergekit (if given), mergeforge and the floor."""
+    """name -> (argv for an OUT_DIR, env) for mergekit (if given), mergeforge and the floor;
+    mergeforge runs ``ours_recipe`` when given (the same recipe plus opt-ins)."""
+    mine = recipe if ours_recipe is None else ours_recipe
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     base_env.pop("PYTHONPATH", None)
     ours = {**base_env, "PYTHONPATH": str(REPO / "src")}
@@ -129,7 +139,7 @@ def tool_commands(
             base_env,
         )  # fmt: skip
     cmds["mergeforge"] = (
-        lambda out: [sys.executable, "-m", "mergeforge", "merge", str(recipe), str(out), "--quiet", *t],
+        lambda out: [sys.executable, "-m", "mergeforge", "merge", str(mine), str(out), "--quiet", *t],
         ours,
     )  # fmt: skip
     cmds["io_floor"] = (
@@ -349,6 +359,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="rounds of each tool (default 2)")
     p.add_argument("--skip-mergekit", action="store_true", help="only mergeforge and the floor")
     p.add_argument("--threads", type=int, default=None, help="torch threads for every tool")
+    p.add_argument(
+        "--mergeforge-opt-in", action="append", default=[], metavar="NAME",
+        help="run mergeforge with this recipe opt-in (e.g. index_tie_break); needs --skip-mergekit",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
     p.add_argument("--cache-dir", type=Path, default=_synthetic.DEFAULT_CACHE, help="model cache")
     args = p.parse_args(argv)
@@ -380,6 +394,7 @@ def build_result(
         "threads": args.threads,
         "order": list(dict.fromkeys(r.tool for r in runs)),
         "recipe": recipe,
+        "mergeforge_opt_ins": list(args.mergeforge_opt_in),
         "page_cache": {"warmed": True, **warm},
         "mergekit_yaml": None if mergekit is None else str(mergekit),
     }
@@ -404,18 +419,23 @@ def main(argv: list[str] | None = None) -> int:
         print("mergekit-yaml not found (set MERGEKIT_YAML or make mergekit-venv), or pass "
               "--skip-mergekit", file=sys.stderr)  # fmt: skip
         return 2
+    if args.mergeforge_opt_in and mergekit is not None:
+        print("--mergeforge-opt-in changes mergeforge's recipe, so the outputs are not comparable "
+              "with mergekit's: add --skip-mergekit", file=sys.stderr)  # fmt: skip
+        return 2
     models = _synthetic.build_or_load(args.scale, args.cache_dir, K)
     warm = _synthetic.warm_page_cache(models)
     print(f"page cache warmed: read {warm['bytes'] / 1e9:.2f} GB in {warm['seconds']:.1f} s")
     work = Path(tempfile.mkdtemp(prefix="runs-", dir=args.cache_dir))
     try:
         recipe = write_recipe(work / "recipe.yml", models)
-        cmds = tool_commands(recipe, models, mergekit, args.threads)
+        ours = write_recipe(work / "ours.yml", models, args.mergeforge_opt_in)
+        cmds = tool_commands(recipe, models, mergekit, args.threads, ours)
         runs, last = run_rounds(cmds, args.repeats, work)
         parity = None
         if "mergekit" in last and "mergeforge" in last:
             parity = compare_outputs(last["mergeforge"], last["mergekit"])
-        result = build_result(args, models, warm, recipe.read_text(), mergekit, runs, parity)
+        result = build_result(args, models, warm, ours.read_text(), mergekit, runs, parity)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     path = write_results(result, args.out)
