@@ -1,14 +1,15 @@
-# Two entry points: `make test` (lint, import layering, the suite offline, mergekit parity included)
+# Two entry points: `make test` (lint, import layering, the suite offline, mergekit and FusionBench parity)
 # and `make demo`. Both create their virtual environments on first use. torch is pinned to the CPU
 # build through constraints.txt so that no multi-GB CUDA wheel is pulled.
 PY ?= python3
 VENV := .venv
 MKVENV := .venv-mergekit
+FBVENV := .venv-fusionbench
 PIP_QUIET := -q --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test demo lint venv mergekit-venv bench-merge clean
+.PHONY: test demo lint venv mergekit-venv fusionbench-venv bench-merge clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -25,13 +26,22 @@ $(MKVENV)/.installed: constraints.txt
 	$(MKVENV)/bin/python -c "import mergekit"
 	touch $@
 
+fusionbench-venv: $(FBVENV)/.installed
+$(FBVENV)/.installed: constraints.txt
+	$(PY) -m venv $(FBVENV)
+	$(FBVENV)/bin/pip install $(PIP_QUIET) -c constraints.txt torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	$(FBVENV)/bin/pip install $(PIP_QUIET) -c constraints.txt fusion-bench==0.2.33 "transformers<5" 2>&1 | grep -v "is ignored" || true
+	$(FBVENV)/bin/python -c "import fusion_bench"
+	touch $@
+
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/lint-imports
 
-test: venv mergekit-venv lint
+test: venv mergekit-venv fusionbench-venv lint
 	MERGEKIT_PYTHON=$(CURDIR)/$(MKVENV)/bin/python MERGEKIT_YAML=$(CURDIR)/$(MKVENV)/bin/mergekit-yaml \
+	FUSIONBENCH_PYTHON=$(CURDIR)/$(FBVENV)/bin/python \
 	MERGEFORGE_REQUIRE_PARITY=1 $(VENV)/bin/python -m pytest -q
 
 demo: venv
@@ -41,4 +51,4 @@ bench-merge: venv mergekit-venv
 	MERGEKIT_YAML=$(CURDIR)/$(MKVENV)/bin/mergekit-yaml $(VENV)/bin/python benchmarks/merge_speed.py
 
 clean:
-	rm -rf $(VENV) $(MKVENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MKVENV) $(FBVENV) .pytest_cache .ruff_cache

@@ -41,3 +41,23 @@ def mergekit_python() -> Path | None:
         if Path(candidate).is_file():
             return Path(candidate)
     return None
+
+
+def fusionbench_missing(why: str) -> NoReturn:
+    """FusionBench 0.2.33 is not installed: skip on a developer machine, fail when
+    MERGEFORGE_REQUIRE_PARITY=1 (as ``mergekit_missing``)."""
+    if os.environ.get("MERGEFORGE_REQUIRE_PARITY") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def fusionbench_python() -> Path | None:
+    """The interpreter of a FusionBench 0.2.33 venv: ``$FUSIONBENCH_PYTHON``,
+    ``.venv-fusionbench``, or a scratch venv at /tmp/venvs/fb; ``None`` when there is none."""
+    configured = os.environ.get(
+        "FUSIONBENCH_PYTHON", str(REPO / ".venv-fusionbench" / "bin" / "python")
+    )
+    for candidate in (configured, "/tmp/venvs/fb/bin/python"):
+        if Path(candidate).is_file():
+            return Path(candidate)
+    return None

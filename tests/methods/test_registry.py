@@ -64,7 +64,8 @@ BASE_USE = {
     "passthrough": "unused", "slerp": "required", "nuslerp": "optional",
     "multislerp": "optional", "karcher": "unused", "model_stock": "required", "sce": "required",
     "arcee_fusion": "required", "nearswap": "required", "ram": "required",
-    "ramplus_tl": "required",
+    "ramplus_tl": "required", "magmax": "required", "widen": "required", "pcb": "required",
+    "tsv": "required", "iso_c": "required", "iso_cts": "required",
 }  # fmt: skip
 
 

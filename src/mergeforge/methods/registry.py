@@ -8,16 +8,20 @@ from mergeforge.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from mergeforge.methods.dare import DARE_LINEAR, DARE_TIES
 from mergeforge.methods.della import DELLA, DELLA_LINEAR
 from mergeforge.methods.linear import LINEAR
+from mergeforge.methods.magmax import MAGMAX
 from mergeforge.methods.model_stock import MODEL_STOCK
 from mergeforge.methods.nearswap import NEARSWAP
 from mergeforge.methods.passthrough import PASSTHROUGH
+from mergeforge.methods.pcb import PCB
 from mergeforge.methods.ram import RAM, RAMPLUS_TL
 from mergeforge.methods.sce import SCE
 from mergeforge.methods.slerp import NUSLERP, SLERP
 from mergeforge.methods.spec import MethodSpec
 from mergeforge.methods.spherical import KARCHER, MULTISLERP
+from mergeforge.methods.svd_merge import ISO_C, ISO_CTS, TSV
 from mergeforge.methods.task_arithmetic import TASK_ARITHMETIC
 from mergeforge.methods.ties import TIES
+from mergeforge.methods.widen import WIDEN
 
 REGISTRY: tuple[MethodSpec, ...] = (
     LINEAR,
@@ -40,6 +44,12 @@ REGISTRY: tuple[MethodSpec, ...] = (
     NEARSWAP,
     RAM,
     RAMPLUS_TL,
+    MAGMAX,
+    WIDEN,
+    PCB,
+    TSV,
+    ISO_C,
+    ISO_CTS,
 )
 
 
