@@ -61,3 +61,33 @@ def fusionbench_python() -> Path | None:
         if Path(candidate).is_file():
             return Path(candidate)
     return None
+
+
+def require_mergekit_python() -> Path:
+    """mergekit 0.1.5's interpreter, or skip / fail as ``mergekit_missing`` does."""
+    python = mergekit_python()
+    if python is None:
+        mergekit_missing(
+            "mergekit 0.1.5 not found: set MERGEKIT_PYTHON to its interpreter, or run "
+            "`make mergekit-venv`"
+        )
+    return python
+
+
+def run_reference(python: Path, worker: str, cases: object, tmp: Path) -> object:
+    """Run ``worker`` (Python source: reads the pickled ``cases`` from ``sys.argv[1]``, saves its
+    results to ``sys.argv[2]``) in a reference tool's interpreter and return the results."""
+    import subprocess
+
+    import torch
+
+    torch.save(cases, tmp / "cases.pt")
+    proc = subprocess.run(
+        [str(python), "-c", worker, str(tmp / "cases.pt"), str(tmp / "out.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, f"reference worker failed:\n{proc.stderr[-3000:]}"
+    return torch.load(tmp / "out.pt")

@@ -13,8 +13,6 @@ with the same ``torch.bernoulli(full_like(δ, d))`` call, so the masks are the s
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import mergekit_missing, mergekit_python
+from helpers import require_mergekit_python, run_reference
 from mergeforge.methods import get_method, primitives, selection
 from mergeforge.methods.primitives import elect_sign, random_drop, rescale_l1, trim_magnitude
 
@@ -192,24 +190,8 @@ CASES, OURS, IDS = _build()
 
 @pytest.fixture(scope="module")
 def mergekit_results(tmp_path_factory: pytest.TempPathFactory) -> list[torch.Tensor]:
-    python = mergekit_python()
-    if python is None:
-        why = (
-            "mergekit 0.1.5 not found: set MERGEKIT_PYTHON to its interpreter, or run "
-            "`make mergekit-venv`"
-        )
-        mergekit_missing(why)
-    tmp = tmp_path_factory.mktemp("mk_kernels")
-    torch.save(CASES, tmp / "cases.pt")
-    proc = subprocess.run(
-        [str(python), "-c", _WORKER, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, f"mergekit worker failed:\n{proc.stderr[-3000:]}"
-    return torch.load(tmp / "out.pt")
+    python = require_mergekit_python()
+    return run_reference(python, _WORKER, CASES, tmp_path_factory.mktemp("mk_kernels"))  # type: ignore[return-value]
 
 
 @pytest.fixture

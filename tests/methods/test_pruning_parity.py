@@ -14,8 +14,6 @@ reproduces mergekit's (unstable but deterministic) ascending sort there.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +21,7 @@ import pytest
 import torch
 from test_kernel_parity import REL_TOL, SMALL_CHUNK, _family, _ours_merge
 
-from helpers import mergekit_missing, mergekit_python
+from helpers import require_mergekit_python, run_reference
 from mergeforge.methods import primitives, selection
 from mergeforge.methods.breadcrumbs import breadcrumbs
 from mergeforge.methods.della import della_linear
@@ -151,24 +149,8 @@ CASES, OURS, IDS = _build()
 
 @pytest.fixture(scope="module")
 def mergekit_results(tmp_path_factory: pytest.TempPathFactory) -> list[torch.Tensor]:
-    python = mergekit_python()
-    if python is None:
-        why = (
-            "mergekit 0.1.5 not found: set MERGEKIT_PYTHON to its interpreter, or run "
-            "`make mergekit-venv`"
-        )
-        mergekit_missing(why)
-    tmp = tmp_path_factory.mktemp("mk_pruning")
-    torch.save(CASES, tmp / "cases.pt")
-    proc = subprocess.run(
-        [str(python), "-c", _WORKER, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, f"mergekit worker failed:\n{proc.stderr[-3000:]}"
-    return torch.load(tmp / "out.pt")
+    python = require_mergekit_python()
+    return run_reference(python, _WORKER, CASES, tmp_path_factory.mktemp("mk_pruning"))  # type: ignore[return-value]
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ global RNG and we from the tensor's generator, so those results are compared in 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,9 @@ import pytest
 import torch
 from method_calls import call_method
 
-from helpers import mergekit_missing
+from helpers import require_mergekit_python, run_reference
 from mergeforge.methods import primitives
 from mergeforge.methods.arcee_fusion import SAMPLE_SIZE, fusion_importance
-from parity.parity_harness import find_mergekit_yaml
 
 pytestmark = pytest.mark.parity
 
@@ -125,21 +122,7 @@ def _sampled_case() -> dict:
 
 
 def _run_mergekit(cases: list[dict], tmp: Path) -> list[torch.Tensor]:
-    script = find_mergekit_yaml()
-    python = None if script is None else script.parent / "python"
-    if python is None or not python.is_file():
-        why = "mergekit 0.1.5 not found: set MERGEKIT_PYTHON, or run `make mergekit-venv`"
-        mergekit_missing(why)
-    torch.save(cases, tmp / "cases.pt")
-    proc = subprocess.run(
-        [str(python), "-c", _WORKER, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, f"mergekit worker failed:\n{proc.stderr[-3000:]}"
-    return torch.load(tmp / "out.pt")
+    return run_reference(require_mergekit_python(), _WORKER, cases, tmp)  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="module")

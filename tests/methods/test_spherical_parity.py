@@ -17,8 +17,6 @@ Cases mergekit rejects must raise ``MethodError`` here.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import mergekit_missing, mergekit_python
+from helpers import require_mergekit_python, run_reference
 from mergeforge.errors import MethodError
 from mergeforge.methods.slerp import nuslerp, slerp
 from mergeforge.methods.spherical import karcher, multislerp
@@ -182,24 +180,8 @@ CASES = _build()
 
 @pytest.fixture(scope="module")
 def mergekit_results(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Any, Any]]:
-    python = mergekit_python()
-    if python is None:
-        why = (
-            "mergekit 0.1.5 not found: set MERGEKIT_PYTHON to its interpreter, or run "
-            "`make mergekit-venv`"
-        )
-        mergekit_missing(why)
     tmp = tmp_path_factory.mktemp("mk_spherical")
-    torch.save(CASES.cases, tmp / "cases.pt")
-    proc = subprocess.run(
-        [str(python), "-c", _WORKER, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, f"mergekit worker failed:\n{proc.stderr[-3000:]}"
-    return torch.load(tmp / "out.pt")
+    return run_reference(require_mergekit_python(), _WORKER, CASES.cases, tmp)  # type: ignore[return-value]
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
