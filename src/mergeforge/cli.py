@@ -1,4 +1,4 @@
-"""Command line: ``mergeforge merge|validate|plan|methods``. Thin: parse, call the API, report.
+"""Command line: ``mergeforge merge|validate|plan|methods|extract-lora``. Thin: parse, call the API, report.
 
 Every ``MergeforgeError`` becomes a one-paragraph message on stderr and a non-zero exit code.
 """
@@ -56,7 +56,40 @@ def build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("methods", help="list merge methods and their parameters")
     me.add_argument("--json", action="store_true")
     me.add_argument("--markdown", action="store_true", help="the README's method table")
+    _add_extract_lora(sub)
     return p
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_extract_lora(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "extract-lora", help="a PEFT LoRA adapter from TUNED − BASE (truncated SVD per layer)"
+    )
+    e.add_argument("base", help="the base model (directory or weight file)")
+    e.add_argument("tuned", help="the fine-tuned model, same architecture as BASE")
+    e.add_argument("out_dir", help="the adapter directory to write")
+    e.add_argument("--rank", type=positive_int, required=True, help="the largest LoRA rank")
+    e.add_argument("--include", metavar="REGEX", help="only modules whose path matches")
+    e.add_argument("--exclude", metavar="REGEX", help="skip modules whose path matches")
+    e.add_argument(
+        "--include-embeddings", action="store_true",
+        help="also factorize embeddings and the output head (lm_head)",
+    )  # fmt: skip
+    e.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+        help="dtype of the stored factors (default float32)",
+    )  # fmt: skip
+    e.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,6 +167,29 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract_lora(args: argparse.Namespace) -> int:
+    import torch
+
+    from mergeforge.engine.extract_lora import extract_lora
+
+    res = extract_lora(
+        args.base, args.tuned, args.out_dir, rank=args.rank, include=args.include,
+        exclude=args.exclude, include_embeddings=args.include_embeddings,
+        dtype=getattr(torch, args.dtype), overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"extracted {res.modules} LoRA modules (r ≤ {res.rank}) into {res.out_dir} "
+          f"in {res.seconds:.1f} s")  # fmt: skip
+    print("relative error ‖ΔW − BA‖_F / ‖ΔW‖_F:")
+    for kind, err in res.kind_errors.items():
+        print(f"  {kind:<24} {err:.4g}")
+    print(f"  {'total':<24} {res.total_error:.4g}")
+    if res.not_captured:
+        print(f"{len(res.not_captured)} changed tensor(s) are NOT captured by the adapter:")
+        for name, why in res.not_captured:
+            print(f"  {name}: {why}")
+    return 0
+
+
 def _yaml(v: object) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -164,7 +220,13 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-COMMANDS = {"merge": _merge, "validate": _validate, "plan": _plan, "methods": _methods}
+COMMANDS = {
+    "merge": _merge,
+    "validate": _validate,
+    "plan": _plan,
+    "methods": _methods,
+    "extract-lora": _extract_lora,
+}
 
 if __name__ == "__main__":
     sys.exit(main())
