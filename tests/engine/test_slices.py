@@ -105,3 +105,21 @@ slices:
 """
     assert run_cli("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "o") != 0
     assert "at most 1 model" in capsys.readouterr().err
+
+
+def test_unlisted_base_of_a_linear_slice_spans_the_slice(tmp_path):
+    base, fts = make_family("llama", tmp_path / "m", 1, seed=12)
+    text = f"""\
+merge_method: linear
+base_model: {base}
+parameters: {{weight: 0.5}}
+slices:
+  - sources:
+      - {{model: {fts[0]}, layer_range: [1, 3]}}
+"""
+    assert run_cli("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "o", "--quiet") == 0
+    out, sb, sf = load_state(tmp_path / "o"), load_state(base), load_state(fts[0])
+    k = "self_attn.q_proj.weight"
+    for j in range(2):  # the base is appended as an input over the same layer range
+        want = (sf[f"model.layers.{j + 1}.{k}"] + sb[f"model.layers.{j + 1}.{k}"]) / 2
+        torch.testing.assert_close(out[f"model.layers.{j}.{k}"], want, rtol=1e-6, atol=1e-7)

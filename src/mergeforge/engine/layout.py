@@ -78,16 +78,14 @@ def _is(paths: Mapping[str, Path], a: str, b: str | None) -> bool:
 def _group(spec, base, entries, params, ranges, paths, problems, where) -> Group:
     """Split one group's base from its inputs. A listed base is the base (its parameters unused);
     for a method that does not use a base, an unlisted base becomes the last ordinary input."""
+    listed = next((m for m in entries if _is(paths, m.model, base)), None)
+    if base and ranges is not None and base not in ranges:  # an unlisted base spans the slice
+        ranges = {**ranges, base: ranges[listed.model] if listed else _common(ranges)}
     if spec.base == "unused":
-        inputs = list(entries)
-        if base and not any(_is(paths, m.model, base) for m in inputs):
-            inputs.append(ModelEntry(base))
+        inputs = list(entries) + ([ModelEntry(base)] if base and listed is None else [])
         base = None
     else:
         inputs = [m for m in entries if not _is(paths, m.model, base)]
-        if base and ranges is not None and base not in ranges:
-            listed = next((m for m in entries if _is(paths, m.model, base)), None)
-            ranges = {**ranges, base: ranges[listed.model] if listed else _common(ranges)}
     if spec.base == "required" and not base:
         problems.append(
             f"{where}method {spec.name!r} needs a `base_model:` (the model the others were "
