@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mergeforge.config import Recipe
 from mergeforge.errors import CheckpointError
-from mergeforge.io import Checkpoint, open_checkpoint
+from mergeforge.io import AdaptedCheckpoint, Checkpoint, is_adapter_dir, open_checkpoint
 
 
 @dataclass(frozen=True)
@@ -21,11 +21,6 @@ class ModelRef:
 
 def resolve_path(label: str, recipe_dir: Path | None) -> tuple[Path | None, str | None]:
     """Local path for a recipe model string, or a problem explaining why there is none."""
-    if "+" in label:
-        return None, (
-            f"model {label!r}: `base+adapter` (PEFT LoRA inputs) is not supported yet; merge the "
-            "adapter into its base first (peft `merge_and_unload`) and name that directory"
-        )
     candidates = [Path(label).expanduser()]
     if recipe_dir is not None and not Path(label).is_absolute():
         candidates.append(recipe_dir / label)
@@ -54,7 +49,8 @@ def open_models(
     problems: list[str] = []
     by_path: dict[Path, Checkpoint] = {}
     for label in labels:
-        path, problem = resolve_path(label, recipe_dir)
+        base_label, adapter_label = split_adapter(label, recipe_dir)
+        path, problem = resolve_path(adapter_label or base_label, recipe_dir)
         if problem or path is None:
             problems.append(problem or f"model {label!r} not found")
             continue
@@ -63,13 +59,54 @@ def open_models(
             opened[label] = by_path[path]
             continue
         try:
-            ckpt = open_checkpoint(path)
+            ckpt = _open(label, base_label if adapter_label else None, path, recipe_dir)
         except CheckpointError as exc:
             problems.append(f"model {label!r}: {exc}")
             continue
         by_path[path] = ckpt
         opened[label] = ckpt
     return opened, paths, problems
+
+
+def split_adapter(label: str, recipe_dir: Path | None) -> tuple[str, str | None]:
+    """``"BASE+ADAPTER"`` → ``(BASE, ADAPTER)``; a plain path (even one holding '+') → ``(label,
+    None)``. The split is at the last '+' whose left side exists."""
+    if "+" not in label or resolve_path(label, recipe_dir)[0] is not None:
+        return label, None
+    head, _, tail = label.rpartition("+")
+    return head, tail
+
+
+def _open(label: str, base_label: str | None, path: Path, recipe_dir: Path | None):
+    """The checkpoint behind a label: a model, ``base+adapter``, or an adapter directory whose
+    ``adapter_config.json`` names its base (``base_model_name_or_path``, a local path)."""
+    if base_label is None and not is_adapter_dir(path):
+        return open_checkpoint(path)
+    if base_label is None:
+        base_label = str(_adapter_base(path))
+    base_path, problem = resolve_path(base_label, recipe_dir or path)
+    if problem or base_path is None:
+        raise CheckpointError(problem or f"base of adapter {path} not found")
+    if not is_adapter_dir(path):
+        raise CheckpointError(
+            f"{path} is not a PEFT adapter directory (no adapter_config.json); in "
+            f"{label!r} the part after '+' must be a LoRA adapter"
+        )
+    return AdaptedCheckpoint(open_checkpoint(base_path), path)
+
+
+def _adapter_base(adapter: Path) -> Path:
+    import json
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    name = cfg.get("base_model_name_or_path")
+    if not name:
+        raise CheckpointError(
+            f"adapter {adapter} does not name its base model (base_model_name_or_path); write "
+            "it as BASE+ADAPTER in the recipe"
+        )
+    p = Path(name).expanduser()
+    return p if p.is_absolute() else (adapter / p).resolve() if (adapter / p).exists() else p
 
 
 def same_model(a: Path | None, b: Path | None) -> bool:

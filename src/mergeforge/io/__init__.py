@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from mergeforge.io.checkpoint import Checkpoint, open_checkpoint
 from mergeforge.io.dtypes import ST_TO_TORCH, TORCH_TO_ST
+from mergeforge.io.lora import AdaptedCheckpoint, is_adapter_dir
 from mergeforge.io.model_card import render_model_card
 from mergeforge.io.output_dir import (
     atomic_output_dir,
@@ -43,6 +44,7 @@ __all__ = [
     "ST_TO_TORCH",
     "TOKENIZER_FILES",
     "TORCH_TO_ST",
+    "AdaptedCheckpoint",
     "Checkpoint",
     "SafetensorsHeader",
     "ShardPlan",
@@ -54,6 +56,7 @@ __all__ = [
     "copy_side_files",
     "entry_nbytes",
     "install_signal_handlers",
+    "is_adapter_dir",
     "open_checkpoint",
     "plan_layout",
     "plan_shards",
