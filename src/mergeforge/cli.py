@@ -1,4 +1,4 @@
-"""Command line: ``mergeforge merge|validate|plan|methods|extract-lora``. Thin: parse, call the API, report.
+"""Command line: ``mergeforge merge|validate|plan|methods|extract-lora|recover``. Thin: parse, call the API, report.
 
 Every ``MergeforgeError`` becomes a one-paragraph message on stderr and a non-zero exit code.
 """
@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--json", action="store_true")
     me.add_argument("--markdown", action="store_true", help="the README's method table")
     _add_extract_lora(sub)
+    r = sub.add_parser("recover", help="rebuild one input model of a reversible merge")
+    r.add_argument("merged_dir", help="output directory of a merge that saved artifacts/")
+    r.add_argument("out_dir", help="where to write the rebuilt model")
+    r.add_argument("--model", required=True, help="the input to rebuild: index (0-based) or label")
+    r.add_argument("--base", help="the base model, if it moved since the merge")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     return p
 
 
@@ -120,6 +126,20 @@ def _merge(args: argparse.Namespace) -> int:
         f"merged {res.tensors} tensors into {res.out_dir} in {res.seconds:.1f} s "
         f"(read {_gb(res.bytes_read)}, wrote {_gb(res.bytes_written)}; files: {', '.join(res.files)})"
     )
+    if res.rel_errors:
+        print("reversible: `mergeforge recover` rebuilds each input with relative error")
+        for i, (label, err) in enumerate(res.rel_errors):
+            print(f"  {i}: {label}  {err:.4g}")
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from mergeforge.engine.recover import recover
+
+    res = recover(args.merged_dir, args.model, args.out_dir, base=args.base,
+                  overwrite=args.overwrite)  # fmt: skip
+    print(f"rebuilt input {res.index} ({res.model}) into {res.out_dir} in {res.seconds:.1f} s; "
+          f"relative error measured at merge time: {res.rel_error:.4g}")  # fmt: skip
     return 0
 
 
@@ -226,6 +246,7 @@ COMMANDS = {
     "plan": _plan,
     "methods": _methods,
     "extract-lora": _extract_lora,
+    "recover": _recover,
 }
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ class Recipe:
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     opt_ins: frozenset[str] = frozenset()
+    lines: tuple[float, float] | None = None
+    """``(α, β)`` of LiNeS post-scaling (``mergeforge: {lines: {alpha, beta}}``), or ``None``."""
     text: str = ""
     path: Path | None = None
 
@@ -170,14 +172,35 @@ def parse_recipe(data: object, *, text: str = "", path: Path | None = None) -> R
         problems.append(
             "`tokenizer_source: union` is not supported yet; use `base` or a model path"
         )
-    opt_ins = _parse_opt_ins(data.get("mergeforge"), problems)
+    section = data.get("mergeforge")
+    lines = None
+    if isinstance(section, Mapping) and "lines" in section:
+        section = {k: v for k, v in section.items() if k != "lines"}
+        lines = _parse_lines(data["mergeforge"]["lines"], problems)
+    opt_ins = _parse_opt_ins(section, problems)
     if problems:
         raise RecipeError(what, problems)
     return Recipe(
         merge_method=str(method), models=models, slices=slices, base_model=base,
         parameters=params, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok,
-        opt_ins=opt_ins, text=text, path=path,
+        opt_ins=opt_ins, lines=lines, text=text, path=path,
     )  # fmt: skip
+
+
+def _parse_lines(v: object, problems: list[str]) -> tuple[float, float] | None:
+    """``{alpha: A, beta: B}`` (numbers) → ``(A, B)``."""
+    fix = (
+        "`mergeforge.lines` must be a mapping {alpha: A, beta: B} of numbers (LiNeS scaling "
+        "b + (A + B·ℓ/(L−1))·(merged − b))"
+    )
+    if not isinstance(v, Mapping) or set(v) != {"alpha", "beta"}:
+        problems.append(f"{fix}, got {v!r}")
+        return None
+    vals = [v["alpha"], v["beta"]]
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in vals):
+        problems.append(f"{fix}, got {dict(v)!r}")
+        return None
+    return float(vals[0]), float(vals[1])
 
 
 def _kind(x: object) -> str:
@@ -216,7 +239,8 @@ def _parse_opt_ins(v: object, problems: list[str]) -> frozenset[str]:
     chosen = set()
     for k, on in v.items():
         if k not in OPT_INS:
-            problems.append(f"unknown opt-in `mergeforge.{k}`; allowed: {', '.join(OPT_INS)}")
+            allowed = ", ".join([*OPT_INS, "lines"])
+            problems.append(f"unknown opt-in `mergeforge.{k}`; allowed: {allowed}")
         elif not isinstance(on, bool):
             problems.append(f"`mergeforge.{k}` must be true or false, got {on!r}")
         elif on:

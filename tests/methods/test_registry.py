@@ -65,7 +65,7 @@ BASE_USE = {
     "multislerp": "optional", "karcher": "unused", "model_stock": "required", "sce": "required",
     "arcee_fusion": "required", "nearswap": "required", "ram": "required",
     "ramplus_tl": "required", "magmax": "required", "widen": "required", "pcb": "required",
-    "tsv": "required", "iso_c": "required", "iso_cts": "required",
+    "lines": "required", "tsv": "required", "iso_c": "required", "iso_cts": "required",
 }  # fmt: skip
 
 
@@ -109,7 +109,8 @@ def test_spec_is_consistent_with_its_function(spec) -> None:
         assert p.name in sig.parameters or (accepts_extra and p.name == "lambda"), p.name
         if p.name in sig.parameters and p.scope == "global" and not p.required:
             assert sig.parameters[p.name].default == p.default, p.name
-        assert p.doc and p.check(p.default if not p.required else 1.0) is None
+        value = 1.0 if p.required else p.default  # None: an automatic default (see doc)
+        assert p.doc and (value is None or p.check(value) is None)
     assert ("generator" in sig.parameters) == spec.stochastic
     assert spec.base == BASE_USE[spec.name]
     assert spec.paper.startswith("https://")

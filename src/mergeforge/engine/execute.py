@@ -18,9 +18,15 @@ import torch
 
 from mergeforge.engine.plan import DTYPES, MergePlan, TensorPlan
 from mergeforge.errors import MethodError, NonFiniteError
-from mergeforge.methods import seeded_generator
+from mergeforge.io import arch
+from mergeforge.methods import Layer, lines_scale, seeded_generator
 
 Sink = Callable[[TensorPlan, torch.Tensor], None]
+ArtifactHook = Callable[
+    [TensorPlan, list[torch.Tensor], torch.Tensor | None, torch.Tensor, dict | None], None
+]
+"""Called with (tensor plan, fp32 inputs, fp32 base, fp32 merged, artifacts or None) for every
+merged tensor when the method has an ``ArtifactSpec``."""
 
 
 @dataclass(frozen=True)
@@ -73,12 +79,13 @@ def run_plan(
     sink: Sink,
     options: ExecOptions,
     on_done: Callable[[TensorPlan], None] | None = None,
+    artifact_hook: ArtifactHook | None = None,
 ) -> None:
     """Compute every tensor of ``plan`` and pass it to ``sink`` in plan order."""
     budget = ByteBudget(options.memory_budget, max(options.in_flight, 1))
     for tp, raw in _prefetch(plan, budget):
         try:
-            out = compute_tensor(plan, tp, raw, options)
+            out = compute_tensor(plan, tp, raw, options, artifact_hook)
             del raw
             sink(tp, out)
         finally:
@@ -123,7 +130,11 @@ def _prefetch(
 
 
 def compute_tensor(
-    plan: MergePlan, tp: TensorPlan, raw: list[torch.Tensor], options: ExecOptions
+    plan: MergePlan,
+    tp: TensorPlan,
+    raw: list[torch.Tensor],
+    options: ExecOptions,
+    artifact_hook: ArtifactHook | None = None,
 ) -> torch.Tensor:
     """One output tensor from its raw inputs (base first, as ``TensorPlan.sources`` orders them)."""
     if tp.op == "copy":
@@ -132,20 +143,44 @@ def compute_tensor(
     base = xs[0] if tp.base is not None else None
     tensors = xs[1:] if tp.base is not None else xs
     kwargs = dict(tp.params)
-    if "tie_break" in plan.method.engine_kwargs:
-        kwargs["tie_break"] = tie_rule(plan, raw)
+    kwargs.update(engine_kwargs(plan, tp, raw))
     if plan.method.stochastic:
         kwargs["generator"] = seeded_generator(options.seed, tp.name)
+    arts_spec = plan.method.artifacts
+    with_arts = artifact_hook is not None and arts_spec is not None and arts_spec.enabled(tp.params)
+    if with_arts:
+        kwargs["artifacts"] = True
     try:
         out = plan.method.fn(tensors, base, **kwargs)
     except MethodError as exc:  # say which tensor; the method cannot know its name
         raise MethodError(f"tensor {tp.name!r}: {exc}") from None
+    arts = None
+    if with_arts:
+        out, arts = out
+    if plan.recipe.lines is not None and base is not None:
+        out = base + lines_scale(Layer(arch.layer_index(tp.name), plan.num_layers),
+                                 *plan.recipe.lines) * (out - base)  # fmt: skip
+    if artifact_hook is not None and arts_spec is not None:
+        artifact_hook(tp, tensors, base, out, arts)
     if tuple(out.shape) != tp.shape:
         raise MethodError(
             f"method {plan.method.name!r} returned shape {list(out.shape)} for tensor "
             f"{tp.name!r}, expected {list(tp.shape)} (a bug in the method)"
         )
     return out.to(device="cpu", dtype=tp.dtype).contiguous()
+
+
+def engine_kwargs(plan: MergePlan, tp: TensorPlan, raw: list[torch.Tensor]) -> dict[str, object]:
+    """The engine-supplied keywords the method asks for (see ``methods.spec``)."""
+    wanted = plan.method.engine_kwargs
+    out: dict[str, object] = {}
+    if "tie_break" in wanted:
+        out["tie_break"] = tie_rule(plan, raw)
+    if "layer" in wanted:
+        out["layer"] = Layer(arch.layer_index(tp.name), plan.num_layers)
+    if "name" in wanted:
+        out["name"] = tp.name
+    return out
 
 
 def tie_rule(plan: MergePlan, raw: list[torch.Tensor]) -> str:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from mergeforge import __version__
 from mergeforge.config import OPT_INS, Recipe, load_recipe
+from mergeforge.engine.artifacts import ArtifactSaver, wants_artifacts
 from mergeforge.engine.execute import ExecOptions, run_plan
 from mergeforge.engine.global_pass import with_global_stats
 from mergeforge.engine.models import resolve_path
@@ -45,6 +46,8 @@ class MergeResult:
     bytes_read: int
     bytes_written: int
     seconds: float
+    rel_errors: tuple[tuple[str, float], ...] = ()
+    """Reversible merges: each input's relative reconstruction error (``mergeforge recover``)."""
 
 
 def merge(
@@ -75,17 +78,35 @@ def merge(
             plan = with_global_stats(plan, options)
             meta = {"mergeforge": __version__}
             writer = ShardedWriter(tmp, entries, shard_size, metadata=meta)
+            saver = _artifact_saver(plan, tmp, shard_size)
+            hook = saver.add if saver is not None else None
             with writer, _progress(plan, progress) as done:
-                run_plan(plan, lambda tp, x: writer.write(tp.name, x), options, done)
+                run_plan(plan, lambda tp, x: writer.write(tp.name, x), options, done, hook)
+            errors = _finish_artifacts(plan, saver)
             _write_side_files(plan, tmp)
-            _write_card(plan, tmp, hashes.result())
+            _write_card(plan, tmp, hashes.result(), errors)
             files = tuple(sorted(p.name for p in tmp.iterdir()))
     finally:
         plan.close()
     return MergeResult(
         out, files, len(plan.tensors), plan.bytes_read, plan.bytes_written,
-        time.perf_counter() - t0,
+        time.perf_counter() - t0, errors,
     )  # fmt: skip
+
+
+def _artifact_saver(plan: MergePlan, tmp: Path, shard_size: int) -> ArtifactSaver | None:
+    if not any(wants_artifacts(plan, t) for t in plan.tensors):
+        return None
+    return ArtifactSaver(plan, tmp, shard_size)
+
+
+def _finish_artifacts(
+    plan: MergePlan, saver: ArtifactSaver | None
+) -> tuple[tuple[str, float], ...]:
+    if saver is None:
+        return ()
+    saver.finish()
+    return tuple(zip(plan.models, saver.rel_errors(), strict=True))
 
 
 def _check_budget(plan: MergePlan, budget: int | None) -> None:
@@ -202,9 +223,17 @@ def _tokenizer_dir(plan: MergePlan) -> Path | None:
     return path if path.is_dir() else path.parent
 
 
-def _write_card(plan: MergePlan, tmp: Path, hashes: dict[Path, str]) -> None:
+def _write_card(
+    plan: MergePlan,
+    tmp: Path,
+    hashes: dict[Path, str],
+    rel_errors: tuple[tuple[str, float], ...] = (),
+) -> None:
     spec = plan.method
     opt_ins = [f"{o}: {OPT_INS[o]}" for o in plan.opt_ins_used]
+    if plan.recipe.lines is not None:
+        a, b = plan.recipe.lines
+        opt_ins.append(f"lines: LiNeS post-scaling, out = b + ({a:g} + {b:g}·ℓ/(L−1))·(merged − b)")
     text = render_model_card(
         recipe_yaml=plan.recipe.text or f"merge_method: {spec.name}\n",
         version=__version__,
@@ -212,6 +241,7 @@ def _write_card(plan: MergePlan, tmp: Path, hashes: dict[Path, str]) -> None:
         inputs=[(str(f), h) for f, h in sorted(hashes.items())],
         opt_ins=opt_ins,
         base_model=plan.base,
+        reversible=[(m, f"{e:.3g}") for m, e in rel_errors],
     )
     (tmp / "README.md").write_text(text, encoding="utf-8")
 

@@ -146,6 +146,11 @@ def build_plan(recipe: Recipe) -> MergePlan:
     for g in groups:
         pairs = [(m.model, m.parameters) for m in g.inputs]
         problems += check_params(spec, {**recipe.parameters, **g.params}, pairs)
+    if recipe.lines is not None and any(g.base is None for g in groups):
+        problems.append(
+            "`mergeforge.lines` scales the merged task vector (merged − base), so it needs "
+            "`base_model:`; add one or remove `lines`"
+        )
     problems = list(dict.fromkeys(problems))  # the same problem once, even if every slice has it
     if problems or any(lb not in ckpts for g in groups for lb in g.labels):
         raise PlanError(_what(recipe), problems)

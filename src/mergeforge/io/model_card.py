@@ -29,6 +29,22 @@ def _front_matter(base_model: str | None) -> list[str]:
     return [*lines, "---"]
 
 
+def _reversible(rows: Sequence[tuple[str, str]]) -> list[str]:
+    if not rows:
+        return []
+    return [
+        "## Reversible: every input can be rebuilt",
+        "",
+        "`artifacts/` holds what `mergeforge recover` needs to rebuild each input model. "
+        "Relative reconstruction error (‖rebuilt − input‖ / ‖input − base‖):",
+        "",
+        "| input | relative error |",
+        "| --- | --- |",
+        *(f"| `{_cell(m)}` | {e} |" for m, e in rows),
+        "",
+    ]
+
+
 def render_model_card(
     *,
     recipe_yaml: str,
@@ -37,13 +53,15 @@ def render_model_card(
     inputs: Sequence[tuple[str, str]],
     opt_ins: Sequence[str],
     base_model: str | None,
+    reversible: Sequence[tuple[str, str]] = (),
 ) -> str:
     """Markdown model card with YAML front matter (``library_name``, ``tags``, ``base_model``).
 
     Sections: how the model was made (merge methods with paper links), the recipe verbatim in a
     YAML block, the input files with their sha256, the opt-ins that changed behaviour (or
-    "none"), and the mergeforge version. ``methods`` is ``(name, paper_url)``, ``inputs`` is
-    ``(path, sha256)``. The same arguments always give the same text.
+    "none"), for reversible merges the saved artifacts with each input's reconstruction error
+    (``reversible`` is ``(model, error)``), and the mergeforge version. ``methods`` is
+    ``(name, paper_url)``, ``inputs`` is ``(path, sha256)``. The same arguments always give the same text.
     """
     method_lines = [
         f"- **{name}**" + (f" — [paper]({url})" if url else "") for name, url in methods
@@ -78,6 +96,7 @@ def render_model_card(
         "",
         *([f"- {_cell(o)}" for o in opt_ins] or ["none"]),
         "",
+        *_reversible(reversible),
         "## Version",
         "",
         f"Made with mergeforge {version}.",

@@ -8,6 +8,7 @@ from mergeforge.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from mergeforge.methods.dare import DARE_LINEAR, DARE_TIES
 from mergeforge.methods.della import DELLA, DELLA_LINEAR
 from mergeforge.methods.linear import LINEAR
+from mergeforge.methods.lines import LINES
 from mergeforge.methods.magmax import MAGMAX
 from mergeforge.methods.model_stock import MODEL_STOCK
 from mergeforge.methods.nearswap import NEARSWAP
@@ -47,6 +48,7 @@ REGISTRY: tuple[MethodSpec, ...] = (
     MAGMAX,
     WIDEN,
     PCB,
+    LINES,
     TSV,
     ISO_C,
     ISO_CTS,

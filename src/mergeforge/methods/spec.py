@@ -11,6 +11,17 @@ A method is a pure function ``fn(tensors, base, **params) -> Tensor``:
 
 The function returns a float32 tensor of the same shape. Casting to the output dtype, I/O and
 parameter resolution (gradients, filters) are the engine's job, not the method's.
+
+Engine keywords a method can ask for in ``MethodSpec.engine_kwargs`` (never set by recipes):
+
+* ``tie_break``: how a top-k trim breaks ties (``"mergekit"`` or ``"index"``);
+* ``layer``: a ``Layer`` (index of the tensor's transformer block and the model's block count;
+  ``index`` is ``None`` for tensors outside the blocks: embeddings, final norm, head);
+* ``name``: the output tensor's name (for methods whose rule depends on the kind of tensor).
+
+A method with an ``ArtifactSpec`` whose ``enabled(params)`` is true is called with
+``artifacts=True`` and returns ``(merged, {key: tensor})``; the engine saves those tensors beside
+the merged model so every input model can be rebuilt (``mergeforge recover``).
 """
 
 from __future__ import annotations
@@ -29,6 +40,42 @@ Locality = Literal["elementwise", "rowwise", "tensor", "model"]
 Category = Literal["data-free", "needs-data", "dynamic"]
 
 MethodFn = Callable[..., torch.Tensor]
+ArtifactShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Where a tensor sits in the model: its block ``index`` (``None`` outside the blocks) out of
+    ``count`` blocks (``None`` when the architecture is unknown)."""
+
+    index: int | None
+    count: int | None
+
+    def fraction(self) -> float | None:
+        """``index / (count − 1)`` in [0, 1] (0 for a one-block model); ``None`` outside blocks."""
+        if self.index is None or self.count is None:
+            return None
+        return self.index / (self.count - 1) if self.count > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """Tensors a method can save beside its merged model so that each input can be rebuilt.
+
+    * ``enabled(params)``: whether this tensor's resolved parameters ask for artifacts;
+    * ``shapes(shape, k, params)``: ``{key: (shape, dtype)}`` of the artifacts of one tensor of
+      ``shape`` merged from ``k`` models (known before any tensor is read, so the writer can lay
+      out its files in advance);
+    * ``recover(artifacts, base, i, params)``: input model ``i``'s tensor (float32) rebuilt from
+      one tensor's artifacts and the base tensor (``None`` for methods without a base).
+    """
+
+    enabled: Callable[[Mapping[str, object]], bool]
+    shapes: Callable[[tuple[int, ...], int, Mapping[str, object]], ArtifactShapes]
+    recover: Callable[
+        [Mapping[str, torch.Tensor], torch.Tensor | None, int, Mapping[str, object]], torch.Tensor
+    ]
+    doc: str
 
 
 @dataclass(frozen=True)
@@ -109,6 +156,11 @@ class MethodSpec:
     check: Callable[[Mapping[str, object]], list[str]] | None = None
     """Problems with a combination of one tensor's resolved parameters (each parameter alone is
     checked against its ParamSpec); the planner reports them before any tensor is read."""
+    continual: bool = False
+    """Folds the models in one at a time (``merge_continual`` in ``engine.continual`` runs it in
+    memory independent of the number of models); ``fn`` is then the per-tensor step."""
+    artifacts: ArtifactSpec | None = None
+    """What the method can save so each input model can be rebuilt (see ``ArtifactSpec``)."""
 
     def param(self, name: str) -> ParamSpec | None:
         """The parameter called ``name``, or ``None``."""
@@ -126,6 +178,8 @@ class MethodSpec:
             "paper": self.paper,
             "min_models": self.min_models,
             "max_models": self.max_models,
+            "reversible": self.artifacts is not None,
+            "continual": self.continual,
             "parameters": [
                 {
                     "name": p.name,
