@@ -56,6 +56,8 @@ OPT_INS = {
     "truncate_embeddings": "crop embeddings/lm_head of different vocabulary sizes to the smallest "
     "(mergekit's --unsafe-truncate-embeddings)",
     "allow_nonfinite": "merge inputs that hold NaN or Inf instead of stopping",
+    "factor_space": "merge PEFT LoRA adapters factor by factor (lora_A with lora_A, lora_B with "
+    "lora_B) and write an adapter instead of a full model",
     "index_tie_break": "at a top-k magnitude cut, break exact ties by lowest index even in fp32 "
     "merges (faster, no sort; differs from mergekit only at the tied entries)",
 }

@@ -110,3 +110,19 @@ def test_right_side_of_plus_must_be_an_adapter(lora_family, tmp_path, capsys):
     )
     assert run_cli("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "o") != 0
     assert "not a PEFT adapter directory" in capsys.readouterr().err
+
+
+def test_adapter_on_a_base_other_than_the_recipes_base_model(lora_family, tmp_path, capsys):
+    base, adapters, _ = lora_family
+    other, _ = make_family("llama", tmp_path / "other", 0, seed=6)  # same shapes, other weights
+    text = f"""\
+merge_method: task_arithmetic
+base_model: {other}
+models:
+  - model: {base}+{adapters[0]}
+    parameters: {{weight: 1.0}}
+"""
+    assert run_cli("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "o") != 0
+    err = capsys.readouterr().err
+    assert "applied to base" in err and "base_model is" in err and str(other) in err
+    assert not (tmp_path / "o").exists()

@@ -21,6 +21,7 @@ from mergeforge import __version__
 from mergeforge.config import OPT_INS, Recipe, load_recipe
 from mergeforge.engine.artifacts import ArtifactSaver, wants_artifacts
 from mergeforge.engine.execute import ExecOptions, run_plan
+from mergeforge.engine.factor_space import ADAPTER_FILE, adapter_output_config, factor_mode
 from mergeforge.engine.global_pass import with_global_stats
 from mergeforge.engine.models import resolve_path
 from mergeforge.engine.plan import MergePlan, build_plan
@@ -77,12 +78,16 @@ def merge(
             options = ExecOptions(device=device, seed=seed, memory_budget=budget)
             plan = with_global_stats(plan, options)
             meta = {"mergeforge": __version__}
-            writer = ShardedWriter(tmp, entries, shard_size, metadata=meta)
+            factors = factor_mode(plan.recipe)
+            size = 2**62 if factors else shard_size  # an adapter is one file
+            writer = ShardedWriter(tmp, entries, size, metadata=meta)
             saver = _artifact_saver(plan, tmp, shard_size)
             hook = saver.add if saver is not None else None
             with writer, _progress(plan, progress) as done:
                 run_plan(plan, lambda tp, x: writer.write(tp.name, x), options, done, hook)
             errors = _finish_artifacts(plan, saver)
+            if factors:
+                _finish_adapter(plan, tmp)
             _write_side_files(plan, tmp)
             _write_card(plan, tmp, hashes.result(), errors)
             files = tuple(sorted(p.name for p in tmp.iterdir()))
@@ -92,6 +97,15 @@ def merge(
         out, files, len(plan.tensors), plan.bytes_read, plan.bytes_written,
         time.perf_counter() - t0, errors,
     )  # fmt: skip
+
+
+def _finish_adapter(plan: MergePlan, tmp: Path) -> None:
+    """Factor-space merges write a PEFT adapter: rename the weights, add adapter_config.json."""
+    (tmp / "model.safetensors").rename(tmp / ADAPTER_FILE)
+    base = plan.paths.get(plan.base) if plan.base else None
+    write_json(
+        tmp / "adapter_config.json", adapter_output_config(plan.checkpoints, plan.models, base)
+    )
 
 
 def _artifact_saver(plan: MergePlan, tmp: Path, shard_size: int) -> ArtifactSaver | None:

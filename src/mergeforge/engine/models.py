@@ -65,7 +65,26 @@ def open_models(
             continue
         by_path[path] = ckpt
         opened[label] = ckpt
+        problems += _base_mismatch(recipe, label, ckpt, recipe_dir)
     return opened, paths, problems
+
+
+def _base_mismatch(recipe: Recipe, label: str, ckpt, recipe_dir: Path | None) -> list[str]:
+    """An adapter applied to one base while the recipe's ``base_model`` is another: every task
+    vector would carry the difference of the two bases."""
+    if not isinstance(ckpt, AdaptedCheckpoint) or not recipe.base_model:
+        return []
+    if label == recipe.base_model:
+        return []
+    want, _ = resolve_path(recipe.base_model, recipe_dir)
+    have = ckpt.base.root
+    if want is None or same_model(Path(have), want):
+        return []
+    return [
+        f"model {label!r} is adapter {ckpt.adapter_dir} applied to base {have}, but the recipe's "
+        f"base_model is {want}; task vectors would include the difference of the two bases. "
+        "Apply the adapter to the recipe's base model (write BASE+ADAPTER) or change base_model"
+    ]
 
 
 def split_adapter(label: str, recipe_dir: Path | None) -> tuple[str, str | None]:

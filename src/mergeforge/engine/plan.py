@@ -17,12 +17,13 @@ from typing import Literal
 import torch
 
 from mergeforge.config import Recipe
+from mergeforge.engine.factor_space import factor_mode, open_factor_models
 from mergeforge.engine.layout import Job, jobs_for, make_groups, output_layers
 from mergeforge.engine.models import open_models
 from mergeforge.engine.params import check_params, resolve_params
 from mergeforge.errors import PlanError
 from mergeforge.io import Checkpoint, TensorInfo, arch
-from mergeforge.methods import MethodSpec, find_method, method_names
+from mergeforge.methods import REGISTRY, MethodSpec, find_method, method_names
 
 DTYPES = {
     "float32": torch.float32,
@@ -140,7 +141,15 @@ def build_plan(recipe: Recipe) -> MergePlan:
         raise PlanError(
             _what(recipe), [f"unknown merge_method {recipe.merge_method!r}; known methods: {known}"]
         )
-    ckpts, paths, open_problems = open_models(recipe, recipe.model_paths())
+    if factor_mode(recipe):
+        ckpts, paths, open_problems = open_factor_models(recipe, recipe.model_paths())
+        if not spec.factor_space:
+            open_problems.insert(0, _not_factor_space(spec))
+        elif spec.base == "unused" and recipe.base_model:
+            open_problems.insert(0, f"{spec.name} takes no base model; in factor space it would "
+                                 "average in zero factors. Remove `base_model:`")  # fmt: skip
+    else:
+        ckpts, paths, open_problems = open_models(recipe, recipe.model_paths())
     problems += open_problems
     groups = make_groups(recipe, spec, paths, problems)
     for g in groups:
@@ -165,6 +174,14 @@ def build_plan(recipe: Recipe) -> MergePlan:
     used = tuple(sorted(recipe.opt_ins))
     return MergePlan(recipe, spec, groups[0].base, inputs, ckpts, paths, tuple(tensors),
                      reference, n_layers, used)  # fmt: skip
+
+
+def _not_factor_space(spec: MethodSpec) -> str:
+    ok = ", ".join(s.name for s in REGISTRY if s.factor_space)
+    return (
+        f"method {spec.name!r} cannot merge LoRA factors (`factor_space: true`); methods that can: "
+        f"{ok}. Or merge the adapters in weight space (drop `factor_space`)"
+    )
 
 
 def _what(recipe: Recipe) -> str:

@@ -45,7 +45,7 @@ class AdaptedCheckpoint:
     def __init__(self, base: Checkpoint, adapter_dir: Path) -> None:
         self.base = base
         self.adapter_dir = adapter_dir
-        cfg = _adapter_config(adapter_dir)
+        cfg = adapter_config(adapter_dir)
         weights_file = next((adapter_dir / n for n in ADAPTER_WEIGHTS
                              if (adapter_dir / n).is_file()), None)  # fmt: skip
         if weights_file is None:
@@ -86,7 +86,8 @@ class AdaptedCheckpoint:
         self.close()
 
 
-def _adapter_config(adapter_dir: Path) -> dict:
+def adapter_config(adapter_dir: Path) -> dict:
+    """The parsed ``adapter_config.json`` of a LoRA adapter (other PEFT types are refused)."""
     path = adapter_dir / "adapter_config.json"
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -106,6 +107,15 @@ def _pattern(patterns: dict, module: str, default: float) -> float:
         if module == key or module.endswith("." + key) or re.fullmatch(key, module):
             return float(value)
     return float(default)
+
+
+def module_scale(cfg: dict, module: str, rank: int) -> float:
+    """peft's scaling ``s`` of one module's update ``s · B A``: ``alpha / r`` (rsLoRA:
+    ``alpha / √r``), with ``rank_pattern``/``alpha_pattern`` overrides; ``rank`` is the factors'
+    rank, used when the config gives none."""
+    r = _pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank))
+    alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
 def _parse(factors: dict, cfg: dict, base: Checkpoint, adapter_dir: Path):
@@ -130,9 +140,7 @@ def _parse(factors: dict, cfg: dict, base: Checkpoint, adapter_dir: Path):
         a, b = (
             (ab["B"].T, ab["A"].T) if embedding else (ab["A"], ab["B"])
         )  # A: (r, in), B: (out, r)
-        r = _pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", a.shape[0]))
-        alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        scale = module_scale(cfg, module, a.shape[0])
         shape = (b.shape[0], a.shape[1])
         name = _check_target(f"{module}.weight", shape[::-1] if transpose else shape,
                              base, adapter_dir, "adapted")  # fmt: skip

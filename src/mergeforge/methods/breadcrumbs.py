@@ -137,6 +137,7 @@ _PARAMS = (WEIGHT, _DENSITY, GAMMA, normalize_param(False), _RESCALE, LAMBDA, IN
 
 BREADCRUMBS = MethodSpec(
     name="breadcrumbs",
+    factor_space=True,
     fn=breadcrumbs,
     summary="drop each task vector's largest outliers and smallest entries, add the weighted sum "
     "to the base",
@@ -150,6 +151,7 @@ BREADCRUMBS = MethodSpec(
 
 BREADCRUMBS_TIES = MethodSpec(
     name="breadcrumbs_ties",
+    factor_space=True,
     fn=breadcrumbs_ties,
     summary="breadcrumbs masks, then elect a sign per entry and merge the agreeing ones",
     base="required",

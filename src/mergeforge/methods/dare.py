@@ -125,6 +125,7 @@ _DENSITY = ParamSpec(
 
 DARE_LINEAR = MethodSpec(
     name="dare_linear",
+    factor_space=True,
     fn=dare_linear,
     summary="randomly drop task-vector entries, rescale, add the weighted sum to the base",
     base="required",
@@ -136,6 +137,7 @@ DARE_LINEAR = MethodSpec(
 
 DARE_TIES = MethodSpec(
     name="dare_ties",
+    factor_space=True,
     fn=dare_ties,
     summary="randomly drop task-vector entries, rescale, elect a sign per entry, merge the "
     "agreeing ones",

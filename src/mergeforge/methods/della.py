@@ -159,6 +159,7 @@ def spread_problems(params: Mapping[str, object]) -> list[str]:
 
 DELLA = MethodSpec(
     name="della",
+    factor_space=True,
     fn=della,
     summary="drop task-vector entries at random, less often the larger they are in their row, "
     "rescale, elect a sign per entry, average the agreeing ones",
@@ -172,6 +173,7 @@ DELLA = MethodSpec(
 
 DELLA_LINEAR = MethodSpec(
     name="della_linear",
+    factor_space=True,
     fn=della_linear,
     summary="drop task-vector entries at random, less often the larger they are in their row, "
     "rescale, add the weighted sum to the base",

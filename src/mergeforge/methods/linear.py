@@ -50,6 +50,7 @@ def linear(
 
 LINEAR = MethodSpec(
     name="linear",
+    factor_space=True,
     fn=linear,
     summary="weighted average of the models: Σ w_i x_i / Σ w_i (model soups)",
     base="unused",

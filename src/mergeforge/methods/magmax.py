@@ -50,6 +50,7 @@ def magmax(tensors: Sequence[Tensor], base: Tensor | None, **extra: float) -> Te
 
 MAGMAX = MethodSpec(
     name="magmax",
+    factor_space=True,
     fn=magmax,
     summary="per entry, keep the task-vector entry of largest magnitude (later models win ties)",
     base="required",

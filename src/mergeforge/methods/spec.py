@@ -156,6 +156,9 @@ class MethodSpec:
     check: Callable[[Mapping[str, object]], list[str]] | None = None
     """Problems with a combination of one tensor's resolved parameters (each parameter alone is
     checked against its ParamSpec); the planner reports them before any tensor is read."""
+    factor_space: bool = False
+    """Meaningful on LoRA factors (acts entry by entry on task vectors), so it may merge adapters
+    factor by factor (``mergeforge: {factor_space: true}``)."""
     continual: bool = False
     """Folds the models in one at a time (``merge_continual`` in ``engine.continual`` runs it in
     memory independent of the number of models); ``fn`` is then the per-tensor step."""
@@ -180,6 +183,7 @@ class MethodSpec:
             "max_models": self.max_models,
             "reversible": self.artifacts is not None,
             "continual": self.continual,
+            "factor_space": self.factor_space,
             "parameters": [
                 {
                     "name": p.name,

@@ -62,6 +62,7 @@ def _unused(p: ParamSpec) -> ParamSpec:
 
 TASK_ARITHMETIC = MethodSpec(
     name="task_arithmetic",
+    factor_space=True,
     fn=task_arithmetic,
     summary="add the weighted task vectors to the base: b + λ Σ w_i (x_i − b)",
     base="required",

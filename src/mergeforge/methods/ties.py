@@ -94,6 +94,7 @@ TRIM_SCOPE = ParamSpec(
 
 TIES = MethodSpec(
     name="ties",
+    factor_space=True,
     fn=ties,
     summary="trim task vectors to their largest entries, elect a sign per entry, average the "
     "agreeing ones",
