@@ -84,3 +84,41 @@ def test_unknown_trim_scope_is_rejected(llama_family):
     bad = _recipe(base, fts).replace("trim_scope: model", "trim_scope: layer")
     with pytest.raises(PlanError, match="trim_scope"):
         build_plan(parse_recipe(yaml.safe_load(bad)))
+
+
+def _pcb_recipe(tmp_path, base, fts, scope: str):
+    from helpers import write_recipe
+
+    models = "\n".join(f"  - model: {p}" for p in fts)
+    return write_recipe(
+        tmp_path / f"pcb_{scope}.yaml",
+        f"merge_method: pcb\nbase_model: {base}\nmodels:\n{models}\n"
+        f"parameters: {{ratio: 0.3, lambda: 0.8, scope: {scope}}}\n",
+    )
+
+
+def test_whole_model_pcb_equals_pcb_of_the_flattened_model(tmp_path, llama_family):
+    """scope: model streams; the result equals the official formulation, which flattens each
+    model into one (K, D) matrix."""
+    from helpers import run_cli
+    from mergeforge.methods.pcb import pcb_task_vector
+    from models import load_state
+
+    base, fts = llama_family
+    out = tmp_path / "model"
+    assert run_cli("merge", _pcb_recipe(tmp_path, base, fts, "model"), out, "--quiet") == 0
+    b, xs, got = load_state(base), [load_state(p) for p in fts], load_state(out)
+    names = sorted(b)
+    flat_b = torch.cat([b[n].float().reshape(-1) for n in names])
+    taus = torch.stack([torch.cat([x[n].float().reshape(-1) for n in names]) - flat_b for x in xs])
+    want = flat_b + 0.8 * pcb_task_vector(taus, 0.3)
+    flat_got = torch.cat([got[n].float().reshape(-1) for n in names])
+    torch.testing.assert_close(flat_got, want, rtol=1e-5, atol=1e-6)
+    per_tensor = tmp_path / "tensor"
+    assert run_cli("merge", _pcb_recipe(tmp_path, base, fts, "tensor"), per_tensor, "--quiet") == 0
+    t = load_state(per_tensor)
+    name = "model.layers.0.mlp.up_proj.weight"
+    tau_t = torch.stack([x[name].float().reshape(-1) - b[name].float().reshape(-1) for x in xs])
+    want_t = b[name].float().reshape(-1) + 0.8 * pcb_task_vector(tau_t, 0.3)
+    torch.testing.assert_close(t[name].float().reshape(-1), want_t, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(t[name].float(), got[name].float())  # the scopes differ

@@ -24,6 +24,7 @@ from mergeforge.engine.execute import ExecOptions, run_plan
 from mergeforge.engine.factor_space import ADAPTER_FILE, adapter_output_config, factor_mode
 from mergeforge.engine.global_pass import with_global_stats
 from mergeforge.engine.models import resolve_path
+from mergeforge.engine.pcb_pass import with_pcb_stats
 from mergeforge.engine.plan import MergePlan, build_plan
 from mergeforge.errors import OutputError, PlanError
 from mergeforge.io import (
@@ -76,7 +77,7 @@ def merge(
             entries = [(t.name, t.dtype, t.shape) for t in plan.tensors]
             budget = plan.default_budget() if memory_budget is None else memory_budget
             options = ExecOptions(device=device, seed=seed, memory_budget=budget)
-            plan = with_global_stats(plan, options)
+            plan = with_pcb_stats(with_global_stats(plan, options), options)
             meta = {"mergeforge": __version__}
             factors = factor_mode(plan.recipe)
             size = 2**62 if factors else shard_size  # an adapter is one file
