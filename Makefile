@@ -9,7 +9,7 @@ PIP_QUIET := -q --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test demo lint venv mergekit-venv fusionbench-venv bench-merge readme-methods clean
+.PHONY: test demo lint venv mergekit-venv fusionbench-venv bench-merge bench-opcm readme-methods clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -49,6 +49,9 @@ demo: venv
 
 bench-merge: venv mergekit-venv
 	MERGEKIT_YAML=$(CURDIR)/$(MKVENV)/bin/mergekit-yaml $(VENV)/bin/python benchmarks/merge_speed.py
+
+bench-opcm: venv
+	$(VENV)/bin/python benchmarks/opcm_memory.py
 
 readme-methods: venv
 	$(VENV)/bin/python scripts/update_readme_methods.py

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of stochastic methods (default 0)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument(
+        "--save-steps", action="store_true",
+        help="continual methods (opcm): also write the merge after each model to "
+        "OUT_DIR/steps/step-<t>/",
+    )  # fmt: skip
     v = sub.add_parser("validate", help="check a recipe and its inputs without reading tensors")
     v.add_argument("recipe")
     pl = sub.add_parser("plan", help="show the per-tensor plan and the resource estimate")
@@ -120,7 +125,7 @@ def _merge(args: argparse.Namespace) -> int:
     res = merge(
         args.recipe, args.out_dir, device=args.device, memory_budget=args.memory_budget,
         shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite,
-        progress=not args.quiet,
+        progress=not args.quiet, save_steps=args.save_steps,
     )  # fmt: skip
     print(
         f"merged {res.tensors} tensors into {res.out_dir} in {res.seconds:.1f} s "

@@ -227,7 +227,9 @@ def test_specs_describe_the_methods():
 
 def test_cli_merges_apply_the_functions_tensor_by_tensor(tmp_path):
     """`mergeforge merge` on a tiny Llama: every output tensor is the method applied to that
-    tensor alone; WIDEN's `columns` follows a parameter filter (out for the token embedding)."""
+    tensor alone (PCB with `scope: tensor`; whole-model PCB is tested in
+    tests/engine/test_global_pass.py); WIDEN's `columns` follows a parameter filter (out for the
+    token embedding)."""
     from helpers import run_cli, write_recipe
     from models import load_state, make_family
 
@@ -236,7 +238,7 @@ def test_cli_merges_apply_the_functions_tensor_by_tensor(tmp_path):
     widen_columns = "  columns: [{filter: embed_tokens, value: out}, {value: in}]\n"
     for spec, params, text in (
         (MAGMAX, {"lambda": 0.5}, "  lambda: 0.5\n"),
-        (PCB, {"ratio": 0.3}, "  ratio: 0.3\n"),
+        (PCB, {"ratio": 0.3, "scope": "tensor"}, "  ratio: 0.3\n  scope: tensor\n"),
         (WIDEN, {}, widen_columns),
     ):
         recipe = write_recipe(

@@ -66,6 +66,8 @@ BASE_USE = {
     "arcee_fusion": "required", "nearswap": "required", "ram": "required",
     "ramplus_tl": "required", "magmax": "required", "widen": "required", "pcb": "required",
     "lines": "required", "tsv": "required", "iso_c": "required", "iso_cts": "required",
+    "doge": "required", "consensus": "required", "tall_masks": "required", "knots": "required",
+    "rmm": "required", "opcm": "required",
 }  # fmt: skip
 
 

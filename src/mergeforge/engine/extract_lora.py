@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mergeforge.engine.merge import check_output_dir
+from mergeforge.engine.output import check_output_dir
 from mergeforge.errors import PlanError
 from mergeforge.io import Checkpoint, ShardedWriter, atomic_output_dir, open_checkpoint, write_json
 

@@ -2,10 +2,12 @@
 
 TIES as in the paper (``trim_scope: model``) trims each task vector over the *whole model*: keep
 ``|δ| ≥ t_i`` where ``t_i`` is the ``r``-th smallest ``|δ|`` of model i over every merged tensor,
-``r = D − int(D·d_i)`` (D entries; FusionBench's rule, so ties at the threshold are kept). Nothing
-is held in memory beyond one tensor's inputs: ``t_i`` is found exactly by a two-level radix select
-on the float32 bit patterns of ``|δ|`` (for non-negative floats, the bit pattern orders like the
-value): pass 1 counts the high 16 bits, pass 2 counts the low 16 bits inside the chosen bucket.
+``r = D − int(D·d_i)`` (D entries; FusionBench's rule, so ties at the threshold are kept). A
+method that modifies only some tensors counts only those (``MethodSpec.global_scope``: DOGE's mask covers its 2-D
+block weights, as FusionBench's). Nothing is held in memory beyond one tensor's inputs: ``t_i`` is
+found exactly by a two-level radix select on the float32 bit patterns of ``|δ|`` (for
+non-negative floats, the bit pattern orders like the value): pass 1 counts the high 16 bits,
+pass 2 counts the low 16 bits inside the chosen bucket.
 """
 
 from __future__ import annotations
@@ -19,9 +21,16 @@ import torch
 from mergeforge.engine.execute import ExecOptions, prepare_inputs
 from mergeforge.engine.plan import MergePlan, TensorPlan
 from mergeforge.errors import PlanError
+from mergeforge.io import arch
 
 HI_BINS = 1 << 15  # |δ| has sign bit 0, so its high 16 bits are < 2^15
 LO_BINS = 1 << 16
+
+
+def in_scope(plan: MergePlan, tp: TensorPlan) -> bool:
+    """Whether ``tp`` is a merged tensor that counts toward the whole-model statistics."""
+    rule = plan.method.global_scope
+    return tp.op == "merge" and (rule is None or rule(tp.shape, arch.layer_index(tp.name)))
 
 
 def needs_thresholds(plan: MergePlan) -> bool:
@@ -30,7 +39,7 @@ def needs_thresholds(plan: MergePlan) -> bool:
 
 
 def _model_densities(plan: MergePlan) -> tuple[float, ...]:
-    merged = [t for t in plan.tensors if t.op == "merge"]
+    merged = [t for t in plan.tensors if in_scope(plan, t)]
     values = {tuple(t.params["density"]) for t in merged}  # type: ignore[arg-type]
     if len(values) != 1:
         raise PlanError(
@@ -55,7 +64,7 @@ def _scan(
     plan: MergePlan, options: ExecOptions, visit: Callable[[int, torch.Tensor], None]
 ) -> None:
     for tp in plan.tensors:
-        if tp.op == "merge":
+        if in_scope(plan, tp):
             for i, bits in enumerate(_abs_delta_bits(plan, tp, options)):
                 visit(i, bits)
 

@@ -8,48 +8,31 @@ every input file, opt-ins that changed behaviour). A failure, Ctrl-C or SIGTERM 
 
 from __future__ import annotations
 
-import copy
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from mergeforge import __version__
-from mergeforge.config import OPT_INS, Recipe, load_recipe
+from mergeforge.config import Recipe, load_recipe
 from mergeforge.engine.artifacts import ArtifactSaver, wants_artifacts
+from mergeforge.engine.continual import merge_continual
 from mergeforge.engine.execute import ExecOptions, run_plan
 from mergeforge.engine.factor_space import ADAPTER_FILE, adapter_output_config, factor_mode
 from mergeforge.engine.global_pass import with_global_stats
-from mergeforge.engine.models import resolve_path
+from mergeforge.engine.output import (
+    HashInputs,
+    MergeResult,
+    check_device,
+    check_output_dir,
+    write_card,
+    write_side_files,
+)
 from mergeforge.engine.pcb_pass import with_pcb_stats
 from mergeforge.engine.plan import MergePlan, build_plan
 from mergeforge.errors import OutputError, PlanError
-from mergeforge.io import (
-    ShardedWriter,
-    arch,
-    atomic_output_dir,
-    copy_side_files,
-    render_model_card,
-    sha256_file,
-    write_json,
-)
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    """What a finished merge wrote and how long it took."""
-
-    out_dir: Path
-    files: tuple[str, ...]
-    tensors: int
-    bytes_read: int
-    bytes_written: int
-    seconds: float
-    rel_errors: tuple[tuple[str, float], ...] = ()
-    """Reversible merges: each input's relative reconstruction error (``mergeforge recover``)."""
+from mergeforge.io import ShardedWriter, atomic_output_dir, write_json
+from mergeforge.methods import find_method
 
 
 def merge(
@@ -62,18 +45,31 @@ def merge(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    save_steps: bool = False,
 ) -> MergeResult:
-    """Merge the models of ``recipe`` into ``out_dir`` (a Hugging Face model directory)."""
+    """Merge the models of ``recipe`` into ``out_dir`` (a Hugging Face model directory).
+
+    Continual methods (``opcm``) run through ``merge_continual`` (``save_steps``: also write the
+    running merge after each model to ``OUT/steps/step-<t>/``)."""
     t0 = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    spec = find_method(recipe.merge_method)
+    if spec is not None and spec.continual:
+        return merge_continual(recipe, out_dir, device=device, seed=seed, overwrite=overwrite,
+                               progress=progress, save_steps=save_steps, shard_size=shard_size)  # fmt: skip
+    if save_steps:
+        raise OutputError(
+            f"--save-steps writes the running merge of a continual method (opcm); "
+            f"{recipe.merge_method!r} merges all models at once. Drop --save-steps"
+        )
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     plan = build_plan(recipe)
     try:
         _check_budget(plan, memory_budget)
-        _check_device(device)
+        check_device(device)
         with atomic_output_dir(out, overwrite) as tmp:
-            hashes = _HashInputs(plan)
+            hashes = HashInputs(plan)
             entries = [(t.name, t.dtype, t.shape) for t in plan.tensors]
             budget = plan.default_budget() if memory_budget is None else memory_budget
             options = ExecOptions(device=device, seed=seed, memory_budget=budget)
@@ -89,8 +85,8 @@ def merge(
             errors = _finish_artifacts(plan, saver)
             if factors:
                 _finish_adapter(plan, tmp)
-            _write_side_files(plan, tmp)
-            _write_card(plan, tmp, hashes.result(), errors)
+            write_side_files(plan, tmp)
+            write_card(plan, tmp, hashes.result(), errors)
             files = tuple(sorted(p.name for p in tmp.iterdir()))
     finally:
         plan.close()
@@ -140,16 +136,6 @@ def _check_budget(plan: MergePlan, budget: int | None) -> None:
         )
 
 
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OutputError(
-            f"--device {device}: CUDA is not available on this machine (torch "
-            f"{torch.__version__}); use --device cpu"
-        )
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise OutputError(f"--device {device!r} is not supported; use cpu or cuda[:N]")
-
-
 class _progress:
     """A tqdm bar over bytes written, counting tensors in the postfix."""
 
@@ -177,101 +163,6 @@ class _progress:
         self.bar.close()
 
 
-class _HashInputs:
-    """sha256 of every input file, computed on a background thread during the merge."""
-
-    def __init__(self, plan: MergePlan) -> None:
-        files = sorted({f for ck in plan.checkpoints.values() for f in ck.files})
-        self.hashes: dict[Path, str] = {}
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(files,), daemon=True)
-        self.thread.start()
-
-    def _run(self, files: list[Path]) -> None:
-        try:
-            for f in files:
-                self.hashes[f] = sha256_file(f)
-        except BaseException as exc:  # reported by result()
-            self.error = exc
-
-    def result(self) -> dict[Path, str]:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.hashes
-
-
-def _output_config(plan: MergePlan) -> dict | None:
-    ref = plan.checkpoints[plan.reference]
-    if ref.config is None:
-        return None
-    cfg = copy.deepcopy(ref.config)
-    if plan.recipe.slices and plan.num_layers is not None:  # layer stacking changes the depth
-        arch.set_num_layers(cfg, plan.num_layers)
-    wanted = plan.recipe.out_dtype or plan.recipe.dtype
-    if wanted:  # as mergekit: recorded only when the recipe sets a dtype
-        cfg["dtype"] = wanted
-        if "torch_dtype" in cfg:
-            cfg["torch_dtype"] = wanted
-    return cfg
-
-
-def _write_side_files(plan: MergePlan, tmp: Path) -> None:
-    cfg = _output_config(plan)
-    if cfg is not None:
-        write_json(tmp / "config.json", cfg)
-    src = _tokenizer_dir(plan)
-    if src is not None:
-        copy_side_files(src, tmp)
-
-
-def _tokenizer_dir(plan: MergePlan) -> Path | None:
-    label = plan.recipe.tokenizer_source
-    if label in (None, "base"):
-        path = plan.paths.get(plan.reference)
-    else:
-        path, problem = resolve_path(label, plan.recipe.path.parent if plan.recipe.path else None)
-        if problem:
-            raise PlanError("tokenizer_source", [problem])
-    if path is None:
-        return None
-    return path if path.is_dir() else path.parent
-
-
-def _write_card(
-    plan: MergePlan,
-    tmp: Path,
-    hashes: dict[Path, str],
-    rel_errors: tuple[tuple[str, float], ...] = (),
-) -> None:
-    spec = plan.method
-    opt_ins = [f"{o}: {OPT_INS[o]}" for o in plan.opt_ins_used]
-    if plan.recipe.lines is not None:
-        a, b = plan.recipe.lines
-        opt_ins.append(f"lines: LiNeS post-scaling, out = b + ({a:g} + {b:g}·ℓ/(L−1))·(merged − b)")
-    text = render_model_card(
-        recipe_yaml=plan.recipe.text or f"merge_method: {spec.name}\n",
-        version=__version__,
-        methods=[(spec.name, spec.paper)],
-        inputs=[(str(f), h) for f, h in sorted(hashes.items())],
-        opt_ins=opt_ins,
-        base_model=plan.base,
-        reversible=[(m, f"{e:.3g}") for m, e in rel_errors],
-    )
-    (tmp / "README.md").write_text(text, encoding="utf-8")
-
-
 def plan_recipe(recipe: Recipe | str | Path) -> MergePlan:
     """Load (if needed) and plan a recipe; the caller must ``close()`` the plan."""
     return build_plan(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Fail early when ``out`` cannot become the output directory."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path {out} is a file; give a directory path")
-    if out.exists() and not overwrite:
-        raise OutputError(
-            f"output directory {out} already exists; pass --overwrite to replace it or choose "
-            "another directory"
-        )

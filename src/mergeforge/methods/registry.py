@@ -5,16 +5,21 @@ from __future__ import annotations
 from mergeforge.errors import MethodError
 from mergeforge.methods.arcee_fusion import ARCEE_FUSION
 from mergeforge.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
+from mergeforge.methods.consensus import CONSENSUS, TALL_MASKS
 from mergeforge.methods.dare import DARE_LINEAR, DARE_TIES
 from mergeforge.methods.della import DELLA, DELLA_LINEAR
+from mergeforge.methods.doge import DOGE
+from mergeforge.methods.knots import KNOTS
 from mergeforge.methods.linear import LINEAR
 from mergeforge.methods.lines import LINES
 from mergeforge.methods.magmax import MAGMAX
 from mergeforge.methods.model_stock import MODEL_STOCK
 from mergeforge.methods.nearswap import NEARSWAP
+from mergeforge.methods.opcm import OPCM
 from mergeforge.methods.passthrough import PASSTHROUGH
 from mergeforge.methods.pcb import PCB
 from mergeforge.methods.ram import RAM, RAMPLUS_TL
+from mergeforge.methods.rmm import RMM
 from mergeforge.methods.sce import SCE
 from mergeforge.methods.slerp import NUSLERP, SLERP
 from mergeforge.methods.spec import MethodSpec
@@ -52,6 +57,12 @@ REGISTRY: tuple[MethodSpec, ...] = (
     TSV,
     ISO_C,
     ISO_CTS,
+    DOGE,
+    CONSENSUS,
+    TALL_MASKS,
+    KNOTS,
+    RMM,
+    OPCM,
 )
 
 

@@ -156,6 +156,9 @@ class MethodSpec:
     check: Callable[[Mapping[str, object]], list[str]] | None = None
     """Problems with a combination of one tensor's resolved parameters (each parameter alone is
     checked against its ParamSpec); the planner reports them before any tensor is read."""
+    global_scope: Callable[[tuple[int, ...], int | None], bool] | None = None
+    """Which merged tensors (by shape and block index) whole-model statistics cover, for a
+    method that changes only some tensors; ``None``: every merged tensor."""
     factor_space: bool = False
     """Meaningful on LoRA factors (acts entry by entry on task vectors), so it may merge adapters
     factor by factor (``mergeforge: {factor_space: true}``)."""
