@@ -63,6 +63,15 @@ def fusionbench_python() -> Path | None:
     return None
 
 
+def run_fusionbench(worker: str, cases: object, tmp: Path) -> object:
+    """``run_reference`` in FusionBench 0.2.33's interpreter with one math thread; skips or fails
+    (``fusionbench_missing``) when FusionBench is not installed."""
+    python = fusionbench_python()
+    if python is None:
+        fusionbench_missing("FusionBench 0.2.33 is not installed (set FUSIONBENCH_PYTHON)")
+    return run_reference(python, worker, cases, tmp, threads=1)
+
+
 def require_mergekit_python() -> Path:
     """mergekit 0.1.5's interpreter, or skip / fail as ``mergekit_missing`` does."""
     python = mergekit_python()
@@ -74,20 +83,27 @@ def require_mergekit_python() -> Path:
     return python
 
 
-def run_reference(python: Path, worker: str, cases: object, tmp: Path) -> object:
+def run_reference(
+    python: Path, worker: str, cases: object, tmp: Path, threads: int | None = None
+) -> object:
     """Run ``worker`` (Python source: reads the pickled ``cases`` from ``sys.argv[1]``, saves its
-    results to ``sys.argv[2]``) in a reference tool's interpreter and return the results."""
+    results to ``sys.argv[2]``) in a reference tool's interpreter, in ``tmp``, and return the
+    results; ``threads`` pins its math threads (bitwise-stable reference numbers)."""
     import subprocess
 
     import torch
 
     torch.save(cases, tmp / "cases.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run(
         [str(python), "-c", worker, str(tmp / "cases.pt"), str(tmp / "out.pt")],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp,
+        env=env,
     )
     assert proc.returncode == 0, f"reference worker failed:\n{proc.stderr[-3000:]}"
     return torch.load(tmp / "out.pt")

@@ -20,13 +20,12 @@ One subprocess of FusionBench's Python (``$FUSIONBENCH_PYTHON``, else
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import fusionbench_missing, fusionbench_python
+from helpers import run_fusionbench
 from mergeforge.methods.consensus import CONSENSUS, TALL_MASKS, recover, unpack_bits
 
 pytestmark = pytest.mark.parity
@@ -105,23 +104,7 @@ def _cases() -> list[dict]:
 
 
 def _fusionbench(cases: list[dict], tmp_path: Path) -> list[dict]:
-    python = fusionbench_python()
-    if python is None:
-        fusionbench_missing("FusionBench 0.2.33 is not installed (set FUSIONBENCH_PYTHON)")
-    src, dst, worker = tmp_path / "cases.pt", tmp_path / "out.pt", tmp_path / "worker.py"
-    torch.save(cases, src)
-    worker.write_text(_WORKER)
-    proc = subprocess.run(
-        [str(python), str(worker), str(src), str(dst)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-    )
-    if proc.returncode != 0:
-        fusionbench_missing(f"FusionBench worker failed:\n{proc.stderr[-3000:]}")
-    return torch.load(dst)
+    return run_fusionbench(_WORKER, cases, tmp_path)
 
 
 def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:

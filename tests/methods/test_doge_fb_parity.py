@@ -22,14 +22,12 @@ projection, λ per model instead of per tensor) is ≥ 1e-3 relative.
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from helpers import fusionbench_missing, fusionbench_python
+from helpers import run_fusionbench
 from mergeforge.methods.doge import doge
 from mergeforge.methods.spec import Layer
 
@@ -113,29 +111,16 @@ def fb_selects(key: str) -> bool:
 
 @pytest.fixture(scope="module")
 def fusionbench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    python = fusionbench_python()
-    if python is None:
-        fusionbench_missing("FusionBench 0.2.33 interpreter not found ($FUSIONBENCH_PYTHON)")
     gen = torch.Generator().manual_seed(5)
     base = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
     fts = [
         {k: v + 0.05 * (t + 1) * torch.randn(v.shape, generator=gen) for k, v in base.items()}
         for t in range(TASKS)
     ]
-    work = tmp_path_factory.mktemp("fb_doge")
-    inputs, outputs, worker = work / "in.pt", work / "out.pt", work / "worker.py"
     labels = [f"task{t}" for t in range(TASKS)]
-    torch.save({"base": base, "fts": fts, "labels": labels, "settings": SETTINGS}, inputs)
-    worker.write_text(_WORKER)
-    done = subprocess.run(
-        [str(python), str(worker), str(inputs), str(outputs)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(work),
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {"base": base, "fts": fts, "out": torch.load(outputs)}
+    payload = {"base": base, "fts": fts, "labels": labels, "settings": SETTINGS}
+    out = run_fusionbench(_WORKER, payload, tmp_path_factory.mktemp("fb_doge"))
+    return {"base": base, "fts": fts, "out": out}
 
 
 def _thresholds(base: dict, fts: list[dict], density: float) -> tuple[float, ...]:

@@ -10,14 +10,12 @@ full-rank inputs; the SVD factors are not): ``max|ours − theirs| ≤ 1e-5 · m
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from helpers import fusionbench_missing, fusionbench_python
+from helpers import run_fusionbench
 from mergeforge.methods.svd_merge import common_size, iso_c, iso_cts, tsv
 
 pytestmark = pytest.mark.parity
@@ -69,26 +67,14 @@ def _state(gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def fusionbench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    python = fusionbench_python()
-    if python is None:
-        fusionbench_missing("FusionBench 0.2.33 interpreter not found ($FUSIONBENCH_PYTHON)")
     gen = torch.Generator().manual_seed(3)
     base = _state(gen)
     tvs = [_state(gen) for _ in range(TASKS)]
-    work = tmp_path_factory.mktemp("fb")
-    inputs, outputs, worker = work / "in.pt", work / "out.pt", work / "worker.py"
     payload = {"base": base, "tvs": tvs, "alpha": ALPHA, "exclude_keys": [EXCLUDED]}
-    torch.save({**payload, "fractions": list(FRACTIONS)}, inputs)
-    worker.write_text(_WORKER)
-    done = subprocess.run(
-        [str(python), str(worker), str(inputs), str(outputs)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(work),
+    out = run_fusionbench(
+        _WORKER, {**payload, "fractions": list(FRACTIONS)}, tmp_path_factory.mktemp("fb")
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {"base": base, "tvs": tvs, "out": torch.load(outputs)}
+    return {"base": base, "tvs": tvs, "out": out}
 
 
 def _ours(fb: dict[str, Any], key: str, method: str) -> torch.Tensor:
