@@ -9,7 +9,7 @@ PIP_QUIET := -q --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test demo lint venv mergekit-venv fusionbench-venv chromium bench-merge bench-opcm readme-methods clean
+.PHONY: test demo merge-demo lint venv mergekit-venv fusionbench-venv chromium bench-merge bench-opcm readme-methods clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -52,8 +52,13 @@ test: venv mergekit-venv fusionbench-venv chromium lint
 	FUSIONBENCH_PYTHON=$(CURDIR)/$(FBVENV)/bin/python \
 	MERGEFORGE_REQUIRE_PARITY=1 MERGEFORGE_REQUIRE_CHROMIUM=1 $(VENV)/bin/python -m pytest -q
 
+# the benchmark on the embedded default pool (MiniLM fine-tuned on packaged text tasks; the pool is
+# built once and cached under ~/.cache/mergeforge/pools), then the leaderboard and the report's path
 demo: venv
-	$(VENV)/bin/python examples/demo.py
+	$(VENV)/bin/mergeforge bench --pool text-minilm --out demo-out/text-minilm
+
+merge-demo: venv
+	$(VENV)/bin/python examples/merge_demo.py
 
 bench-merge: venv mergekit-venv
 	MERGEKIT_YAML=$(CURDIR)/$(MKVENV)/bin/mergekit-yaml $(VENV)/bin/python benchmarks/merge_speed.py

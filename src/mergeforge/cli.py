@@ -1,4 +1,4 @@
-"""Command line: ``mergeforge merge|validate|plan|methods|extract-lora|recover``. Thin: parse, call the API, report.
+"""Command line: ``mergeforge merge|validate|plan|methods|extract-lora|recover|bench``. Thin: parse, call the API, report.
 
 Every ``MergeforgeError`` becomes a one-paragraph message on stderr and a non-zero exit code.
 """
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--json", action="store_true")
     me.add_argument("--markdown", action="store_true", help="the README's method table")
     _add_extract_lora(sub)
+    _add_bench(sub)
     r = sub.add_parser("recover", help="rebuild one input model of a reversible merge")
     r.add_argument("merged_dir", help="output directory of a merge that saved artifacts/")
     r.add_argument("out_dir", help="where to write the rebuilt model")
@@ -101,6 +102,32 @@ def _add_extract_lora(sub: argparse._SubParsersAction) -> None:
         help="dtype of the stored factors (default float32)",
     )  # fmt: skip
     e.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser(
+        "bench", help="benchmark merge methods on a model pool (accuracy, normalized, time, RSS)"
+    )
+    b.add_argument("--pool", required=True, help="pool name (e.g. text-minilm) or a pool YAML file")
+    b.add_argument(
+        "--methods", type=_method_list, default=None,
+        help="comma-separated methods (default: every registered method that applies; the "
+        "baselines pretrained and fine_tuned always run)",
+    )  # fmt: skip
+    b.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    b.add_argument("--executor", choices=("local", "dask", "ray"), default="local",
+                   help="where methods run (default local)")  # fmt: skip
+    b.add_argument("--workers", type=positive_int, default=1, help="parallel workers (default 1)")
+    b.add_argument("--address", default=None, help="Dask scheduler or Ray cluster address")
+    b.add_argument("--seed", type=int, default=0, help="seed of stochastic methods (default 0)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _method_list(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one method name, e.g. ties,task_arithmetic")
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,6 +242,29 @@ def _extract_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mergeforge.bench.pools import get_pool
+    from mergeforge.bench.report import write_leaderboard, write_report
+    from mergeforge.bench.runner import run_bench
+
+    pool = get_pool(args.pool, progress=not args.quiet)
+    results = run_bench(
+        pool, args.methods, args.out, executor=args.executor, workers=args.workers,
+        address=args.address, seed=args.seed, progress=not args.quiet,
+    )  # fmt: skip
+    out = Path(args.out)
+    failed = results["run_info"].get("failed_methods") or {}  # type: ignore[union-attr]
+    for method, why in failed.items():
+        print(f"method {method} failed: {why}", file=sys.stderr)
+    write_leaderboard(results, out / "leaderboard.md")
+    write_report(results, out / "report.html")
+    print((out / "leaderboard.md").read_text())
+    print(f"results: {out / 'results.json'}\nreport: {(out / 'report.html').resolve()}")
+    return 0
+
+
 def _yaml(v: object) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -252,6 +302,7 @@ COMMANDS = {
     "methods": _methods,
     "extract-lora": _extract_lora,
     "recover": _recover,
+    "bench": _bench,
 }
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-PoolKind = Literal["text-classification", "causal-lm"]
+PoolKind = Literal["text-classification", "causal-lm", "image-classification"]
 CACHE_ROOT = Path("~/.cache/mergeforge/pools")
 
 

@@ -1,4 +1,4 @@
-"""`make demo`: merge three fine-tunes of a small Llama with TIES and inspect the result.
+"""`make merge-demo`: merge three fine-tunes of a small Llama with TIES and inspect the result.
 
 The models are synthetic (random base, fine-tunes = base + a seeded low-rank update per weight)
 so the demo runs offline in seconds; the merge itself is exactly what `mergeforge merge` does on

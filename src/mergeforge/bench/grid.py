@@ -1,0 +1,185 @@
+"""Hyperparameter grids of the benchmark, which methods apply to a pool, and their recipes.
+
+Each method gets a *small* grid of recipe parameters (the benchmark evaluates every point on every
+task's validation split, and evaluation dominates its run time): the knob the papers tune (λ, the
+task-vector weight, density, α) at two or three values around the values the papers and
+FusionBench report; methods without a knob run once. Per-model parameters (``weight``,
+``density``, ...) are given to every model alike (the tasks are symmetric).
+
+Sources of the values: task arithmetic λ ∈ [0.1, 1] with 0.3 typical for 8 tasks (Ilharco et al.
+2023, FusionBench); TIES density 0.2, λ near 1 for the disjoint mean (Yadav et al. 2023); DARE keep
+rate 0.5 on small models (Yu et al. 2024); Breadcrumbs β = 0.9, γ = 0.01 (Davari & Belilovsky
+2024); DELLA d = 0.5, ε = 0.15; PCB ratio 0.1; LiNeS β ∈ [0.1, 1]; TSV α = 1, Iso-C/CTS α ∈
+{1, 1.5}; Consensus / TALL masks λ_t = 0.6, k = 2; KnOTS-TIES density 0.2, α ≈ 0.6; OPCM α = 0.5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from mergeforge.bench.pool import Pool
+from mergeforge.errors import MethodError
+from mergeforge.methods.registry import REGISTRY, find_method
+from mergeforge.methods.spec import MethodSpec
+
+Params = dict[str, object]
+
+
+def _points(**axes: tuple[object, ...]) -> tuple[Params, ...]:
+    """The cartesian product of the axes, in order (the last axis varies fastest)."""
+    out: list[Params] = [{}]
+    for name, values in axes.items():
+        out = [{**p, name: v} for p in out for v in values]
+    return tuple(out)
+
+
+# Recipe parameters per grid point (merged with FIXED[method]); a method missing here runs once
+# with its defaults (and FIXED).
+GRIDS: dict[str, tuple[Params, ...]] = {
+    "task_arithmetic": _points(weight=(0.2, 0.3, 0.5, 1.0)),
+    "ties": _points(lambda_=(0.6, 1.0)),
+    "dare_linear": _points(weight=(0.3, 0.5)),
+    "dare_ties": _points(weight=(0.3, 0.5)),
+    "breadcrumbs": _points(weight=(0.3, 0.5)),
+    "breadcrumbs_ties": _points(weight=(0.3, 0.5)),
+    "della": _points(lambda_=(0.6, 1.0)),
+    "della_linear": _points(weight=(0.3, 0.5)),
+    "sce": _points(select_topk=(0.1, 1.0)),
+    "magmax": _points(lambda_=(0.5, 1.0)),
+    "pcb": _points(lambda_=(0.5, 1.0)),
+    "lines": _points(beta=(0.5, 1.0)),
+    "iso_c": _points(alpha=(1.0, 1.5)),
+    "iso_cts": _points(alpha=(1.0, 1.5)),
+    "consensus": _points(lambda_=(0.3, 0.5)),
+    "tall_masks": _points(lambda_=(0.3, 0.5)),
+    "knots": _points(alpha=(0.6, 1.0)),
+}
+
+# Parameters every grid point of a method gets (the paper's setting of the knobs not tuned).
+FIXED: dict[str, Params] = {
+    "linear": {"weight": 1.0},
+    "ties": {"weight": 1.0, "density": 0.2},
+    "dare_linear": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    "breadcrumbs": {"density": 0.9, "gamma": 0.01},
+    "breadcrumbs_ties": {"density": 0.9, "gamma": 0.01},
+    "della": {"weight": 1.0, "density": 0.5, "epsilon": 0.15},
+    "della_linear": {"density": 0.5, "epsilon": 0.15},
+    "multislerp": {"weight": 1.0},
+    "pcb": {"ratio": 0.1},
+    "lines": {"weight": 1.0},
+    "tsv": {"alpha": 1.0},
+    "tall_masks": {"save_masks": False},
+    "knots": {"inner": "ties", "density": 0.2},
+    "opcm": {"alpha": 0.5},
+}
+
+# Methods that do not combine several fine-tunes of one base into one model.
+NOT_MULTI_TASK: dict[str, str] = {
+    "passthrough": "it copies one model (or stacks layers with `slices:`); it does not combine "
+    "several fine-tunes",
+}
+
+
+def grid_for(method: str) -> list[Params]:
+    """The recipe-parameter dicts a method is tried with (``lambda_`` is written ``lambda``)."""
+    fixed = FIXED.get(method, {})
+    points = GRIDS.get(method, ({},))
+    out = []
+    for p in points:
+        merged = {**fixed, **p}
+        out.append({("lambda" if k == "lambda_" else k): v for k, v in merged.items()})
+    return out
+
+
+def not_applicable(spec: MethodSpec, pool: Pool) -> str | None:
+    """Why ``spec`` cannot run on ``pool`` (``None`` when it can)."""
+    k = len(pool.tasks)
+    if spec.name in NOT_MULTI_TASK:
+        return NOT_MULTI_TASK[spec.name]
+    if spec.category != "data-free":
+        return (
+            f"it is a {spec.category} method: it needs data or training from mergeforge.fusion, "
+            "which the benchmark does not drive yet"
+        )
+    if spec.max_models is not None and spec.max_models < k:
+        return f"it merges at most {spec.max_models} model(s) and the pool has {k} tasks"
+    if spec.min_models > k:
+        return f"it needs at least {spec.min_models} models and the pool has {k} tasks"
+    if spec.base == "required" and pool.base_dir is None:
+        return "it needs the pretrained base model and the pool has none"
+    return None
+
+
+def select_methods(
+    pool: Pool, methods: list[str] | None = None
+) -> tuple[list[MethodSpec], dict[str, str]]:
+    """The methods to run on ``pool`` and ``{method: why skipped}``.
+
+    ``None``: every registered method that applies (the others are skipped with their reason).
+    Named methods must exist (``MethodError`` listing the known names) and apply (``MethodError``
+    saying why not).
+    """
+    if methods is None:
+        chosen, skipped = [], {}
+        for spec in REGISTRY:
+            why = not_applicable(spec, pool)
+            if why is None:
+                chosen.append(spec)
+            else:
+                skipped[spec.name] = why
+        return chosen, skipped
+    known = ", ".join(s.name for s in REGISTRY)
+    unknown = [
+        m for m in methods if find_method(m) is None and m not in ("pretrained", "fine_tuned")
+    ]
+    if unknown:
+        raise MethodError(
+            f"unknown method(s) {', '.join(map(repr, unknown))} in --methods; known methods: "
+            f"{known} (the baselines pretrained and fine_tuned always run)"
+        )
+    specs = [
+        find_method(m) for m in dict.fromkeys(methods) if m not in ("pretrained", "fine_tuned")
+    ]
+    problems = [f"{s.name}: {why}" for s in specs if s and (why := not_applicable(s, pool))]
+    if problems:
+        raise MethodError(
+            f"method(s) not applicable to pool {pool.name!r} ({len(pool.tasks)} tasks): "
+            + "; ".join(problems)
+            + ". Leave them out of --methods"
+        )
+    return [s for s in specs if s is not None], {}
+
+
+def build_recipe(pool: Pool, spec: MethodSpec, params: Mapping[str, object]) -> dict[str, object]:
+    """A recipe dict merging every task's encoder with ``params``.
+
+    Per-model parameters go to every model entry, global ones to ``parameters``; the base model
+    is listed unless the method does not use one (``linear``, ``karcher``: the base would be
+    averaged in as one more model).
+    """
+    per_model = {
+        k: v
+        for k, v in params.items()
+        if (p := spec.param(k)) is not None and p.scope == "per_model"
+    }
+    global_ = {k: v for k, v in params.items() if k not in per_model}
+    unknown = [k for k in params if spec.param(k) is None]
+    if unknown:
+        raise MethodError(
+            f"grid of {spec.name!r} sets unknown parameter(s) {unknown}; "
+            f"{spec.name} has {[p.name for p in spec.params]}"
+        )
+    recipe: dict[str, object] = {
+        "merge_method": spec.name,
+        "models": [
+            {"model": str(t.encoder_dir), **({"parameters": dict(per_model)} if per_model else {})}
+            for t in pool.tasks
+        ],
+        "dtype": "float32",
+    }
+    if spec.base != "unused":
+        recipe["base_model"] = str(pool.base_dir)
+    if global_:
+        recipe["parameters"] = dict(global_)
+    return recipe
