@@ -22,6 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # the checkout being benchmarked
+
+from mergeforge.bench import runinfo as bench_runinfo  # noqa: E402  (git state, CPU, cores, RAM)
 
 _PROBE = (
     "import importlib.metadata as m, json\n"
@@ -62,25 +65,6 @@ def mergekit_versions(mergekit_yaml: Path | None) -> dict[str, str | None]:
         return empty
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_info() -> dict[str, object]:
-    """``sha`` of HEAD (None before the first commit or outside git) and ``dirty`` (bool|None)."""
-    status = _git("status", "--porcelain")
-    return {
-        "sha": _git("rev-parse", "HEAD"),
-        "dirty": None if status is None else bool(status),
-    }
-
-
 def _dist_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -97,30 +81,14 @@ def _mergeforge_version() -> str | None:
     return mergeforge.__version__
 
 
-def cpu_model() -> str | None:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def hardware() -> dict[str, object]:
-    """CPU model, logical/usable/physical cores, total and available RAM in bytes."""
+    """``mergeforge.bench.runinfo.hardware()`` plus physical cores and available RAM."""
     import psutil
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    vm = psutil.virtual_memory()
     return {
-        "cpu_model": cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
+        **bench_runinfo.hardware(),
         "physical_cores": psutil.cpu_count(logical=False),
-        "ram_total_bytes": vm.total,
-        "ram_available_bytes": vm.available,
+        "ram_available_bytes": psutil.virtual_memory().available,
     }
 
 
@@ -133,7 +101,7 @@ def run_info(mergekit_yaml: Path | None = None) -> dict[str, object]:
     mk = mergekit_versions(mergekit_yaml or find_mergekit_yaml())
     return {
         "utc_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git": git_info(),
+        "git": bench_runinfo.git_info(),
         "versions": {
             "python": platform.python_version(),
             "torch": _dist_version("torch"),
