@@ -51,6 +51,11 @@ class MethodError(MergeforgeError):
     """A merge method was called with inputs it cannot handle."""
 
 
+class PoolError(MergeforgeError):
+    """A benchmark model pool or its task data cannot be built or loaded (missing file, bad column,
+    labels outside a head's range, unknown pool name, ...)."""
+
+
 class InterruptedMerge(MergeforgeError):
     """The merge was stopped by a signal; the temporary output was removed."""
 

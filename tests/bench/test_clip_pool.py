@@ -22,7 +22,7 @@ from mergeforge.bench.clip_classnames import CLASSNAMES, TEMPLATES
 from mergeforge.bench.clip_eval import ClipEvaluator, ImagePrep, evaluate_clip
 from mergeforge.bench.clip_pool import ClipPoolSpec, get_spec, load_clip_pool
 from mergeforge.bench.evaluate import load_encoder_state
-from mergeforge.bench.tasks import PoolError
+from mergeforge.errors import PoolError
 
 pytest.importorskip("PIL")
 pytest.importorskip("pyarrow")

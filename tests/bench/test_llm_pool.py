@@ -16,7 +16,7 @@ from mergeforge.bench.llm_eval import Encoded, encode_task, evaluate_lm, score_b
 from mergeforge.bench.llm_pool import LMTask, build_lm_pool, find_gguf, subsample
 from mergeforge.bench.llm_train import LMPoolConfig
 from mergeforge.bench.pool import Split, TaskData
-from mergeforge.bench.tasks import PoolError
+from mergeforge.errors import PoolError
 
 COLORS = {"warm": ["red", "orange", "yellow"], "cool": ["blue", "green", "purple"]}
 SIZES = {"fruit": ["apple", "melon", "grape"], "beast": ["tiger", "horse", "snake"]}

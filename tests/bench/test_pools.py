@@ -10,9 +10,10 @@ import yaml
 
 from mergeforge.bench import pools
 from mergeforge.bench.finetune import TrainConfig
-from mergeforge.bench.pools import PoolError, build_text_pool, get_pool
+from mergeforge.bench.pools import build_text_pool, get_pool
 from mergeforge.bench.tasks import load_task, rows_digest, task_rows
 from mergeforge.bench.user_pools import load_user_pool
+from mergeforge.errors import PoolError
 
 TASKS = ("ucla_subject", "entity_type")
 CFG = TrainConfig(steps=2, batch_size=8, max_len=12, warmup_steps=1, eval_batch_size=128, threads=1)

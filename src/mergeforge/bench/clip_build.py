@@ -33,7 +33,7 @@ import torch
 
 from mergeforge.bench.clip_classnames import CLASSNAMES, TEMPLATES
 from mergeforge.bench.pools import build_atomically
-from mergeforge.bench.tasks import PoolError
+from mergeforge.errors import PoolError
 
 HEADS_FILE = "heads.safetensors"
 PROJECTION = "visual_projection.weight"

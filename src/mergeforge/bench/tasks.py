@@ -23,13 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from mergeforge.bench.pool import Split, TaskData
-from mergeforge.errors import MergeforgeError
+from mergeforge.errors import PoolError
 
 SPLIT_NAMES = ("train", "validation", "test")
-
-
-class PoolError(MergeforgeError):
-    """A model pool or its task data cannot be built or loaded (missing file, bad column, ...)."""
 
 
 @dataclass(frozen=True)

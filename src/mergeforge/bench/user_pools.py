@@ -23,7 +23,8 @@ from typing import Any
 from mergeforge.bench.finetune import extract_encoder, save_encoder
 from mergeforge.bench.pool import CACHE_ROOT, Pool, PoolTask, TaskData, fingerprint
 from mergeforge.bench.pools import build_atomically, weights_digest
-from mergeforge.bench.tasks import PoolError, data_digest
+from mergeforge.bench.tasks import data_digest
+from mergeforge.errors import PoolError
 
 
 def _yaml_tasks(path: Path, doc: Any) -> list[Mapping[str, Any]]:
