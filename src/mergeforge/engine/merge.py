@@ -4,6 +4,10 @@ The output directory gets the merged weights (sharded safetensors + index), ``co
 the base (or first) model with the output dtype, tokenizer and generation files from the base or
 ``tokenizer_source``, and a ``README.md`` model card (recipe, version, method reference, sha256 of
 every input file, opt-ins that changed behaviour). A failure, Ctrl-C or SIGTERM leaves no output.
+
+Variants: reversible methods also write ``artifacts/`` (``engine.artifacts``); factor-space merges
+of LoRA adapters write a PEFT adapter (``engine.factor_space``); continual methods are handed to
+``engine.continual.merge_continual``.
 """
 
 from __future__ import annotations
