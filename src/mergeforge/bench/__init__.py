@@ -1,2 +1,3 @@
-"""Benchmark harness: model pools, task pools, evaluation, runner, sweeps, reports.
-Filled by later work."""
+"""Benchmark harness: model pools (``pool.py`` contract; ``pools.py``, ``user_pools.py``,
+``llm_pool.py``, ``clip_pool.py``), evaluation, hyperparameter grids, the runner and its executors,
+``results.json`` records, the leaderboard and the HTML report (``mergeforge bench``)."""
