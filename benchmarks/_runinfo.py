@@ -12,7 +12,6 @@ Also :func:`find_mergekit_yaml`, the one place benchmarks look for mergekit 0.1.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
@@ -65,19 +64,12 @@ def mergekit_versions(mergekit_yaml: Path | None) -> dict[str, str | None]:
         return empty
 
 
-def _dist_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _mergeforge_version() -> str | None:
     """The version of the mergeforge being benchmarked (the source tree, when it is on sys.path)."""
     try:
         import mergeforge
     except ImportError:
-        return _dist_version("mergeforge")
+        return bench_runinfo.package_version("mergeforge")
     return mergeforge.__version__
 
 
@@ -104,9 +96,9 @@ def run_info(mergekit_yaml: Path | None = None) -> dict[str, object]:
         "git": bench_runinfo.git_info(),
         "versions": {
             "python": platform.python_version(),
-            "torch": _dist_version("torch"),
-            "transformers": _dist_version("transformers"),
-            "safetensors": _dist_version("safetensors"),
+            "torch": bench_runinfo.package_version("torch"),
+            "transformers": bench_runinfo.package_version("transformers"),
+            "safetensors": bench_runinfo.package_version("safetensors"),
             "mergeforge": _mergeforge_version(),
             "mergekit": mk["mergekit"],
             "mergekit_torch": mk["torch"],

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from method_calls import call_method
 
 from mergeforge.errors import MethodError
 from mergeforge.methods import consensus as cm
@@ -36,15 +37,8 @@ M2 = [True, True, True, False, False]
 
 
 def run(spec: MethodSpec, tensors: list[torch.Tensor], base: torch.Tensor, **params: Any):
-    """Call ``spec.fn`` as the engine does: every parameter (per-model ones as tuples)."""
-    kwargs: dict[str, Any] = {}
-    for p in spec.params:
-        value = params.pop(p.name, p.default)
-        if p.scope == "per_model" and not isinstance(value, tuple):
-            value = (value,) * len(tensors)
-        kwargs[p.name] = value
-    kwargs.update(params)  # `artifacts`
-    return spec.fn(tensors, base, **kwargs)
+    """Call the method as the engine does (``call_method``); extras such as ``artifacts`` pass."""
+    return call_method(spec.name, tensors, base, **params)
 
 
 def hand_case(offset: float = 0.0) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -48,7 +48,8 @@ def git_info() -> dict[str, object]:
     }
 
 
-def _version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
+    """The installed distribution's version, ``None`` when absent."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -93,7 +94,7 @@ def run_info(*, seed: int, pool_fingerprint: str) -> dict[str, object]:
         "versions": {
             "python": platform.python_version(),
             "mergeforge": __version__,
-            **{p: _version(p) for p in PACKAGES},
+            **{p: package_version(p) for p in PACKAGES},
         },
         "hardware": hardware(),
         "os": platform.platform(),
