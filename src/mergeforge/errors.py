@@ -56,6 +56,11 @@ class PoolError(MergeforgeError):
     labels outside a head's range, unknown pool name, ...)."""
 
 
+class FusionError(MergeforgeError):
+    """A data-driven or dynamic fusion algorithm cannot run or did not converge (a task without
+    data, a head that does not fit the labels, models of different architectures, a NaN loss)."""
+
+
 class InterruptedMerge(MergeforgeError):
     """The merge was stopped by a signal; the temporary output was removed."""
 
