@@ -78,3 +78,12 @@ def test_mean_hidden_ignores_padding() -> None:
 
     batch = {"attention_mask": torch.tensor([[1, 1, 0]])}
     assert torch.equal(mean_hidden(Out(), batch), torch.tensor([[2.0]]))
+
+
+def test_tiny_problem_runs_every_head() -> None:
+    from fusion_problems import tiny_problem
+
+    p = tiny_problem(2)
+    out = p.body(**p.tasks[0].unlabeled[0])
+    assert p.tasks[1].head(out, p.tasks[0].unlabeled[0]).shape == (4, 3)
+    assert len(p.names) == len(list(p.body.parameters()))
