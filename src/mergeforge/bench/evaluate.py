@@ -28,7 +28,11 @@ from mergeforge.errors import CheckpointError, MergeforgeError
 
 SplitName = Literal["train", "validation", "test"]
 DEFAULT_MAX_LENGTH = 128
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 32
+VALIDATION_LIMIT = 100
+"""Examples per task that choose hyperparameters (a seeded random subset of the validation split:
+each grid point costs one pass over them, and the grids are small)."""
+SUBSET_SEED = 20240101
 
 
 class EvaluationError(MergeforgeError):
@@ -69,15 +73,25 @@ class _TaskEval:
 
 
 def load_task_models(pool: Pool) -> dict[str, Any]:
-    """Every task's fine-tuned classification model, in eval mode (shared by Evaluators)."""
+    """Every task's fine-tuned classification model, in eval mode (shared by Evaluators).
+
+    The models share **one** encoder module (the first task's ``base_model``, put in place of the
+    others'), so evaluating a merged encoder loads its weights once, not once per task; the
+    heads stay each task's own. ``Evaluator.evaluate(None)`` loads each task's own encoder before
+    scoring that task."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    models = {}
+    models: dict[str, Any] = {}
+    shared = None
     for task in pool.tasks:
-        model = AutoModelForSequenceClassification.from_pretrained(task.model_dir)
-        models[task.name] = model.float().eval()
+        model = AutoModelForSequenceClassification.from_pretrained(task.model_dir).float().eval()
+        if shared is None:
+            shared = model.base_model
+        else:
+            setattr(model, model.base_model_prefix, shared)
+        models[task.name] = model
     return models
 
 
@@ -123,12 +137,22 @@ def tokenize_split(
     return batches, sorted_labels
 
 
+def subset(n: int, limit: int | None) -> list[int]:
+    """Sorted indices of ``min(n, limit)`` of ``range(n)`` drawn uniformly without replacement by
+    a private generator seeded with ``SUBSET_SEED`` (all of them when ``limit`` is ``None``)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(SUBSET_SEED)
+    return sorted(torch.randperm(n, generator=gen)[:limit].tolist())
+
+
 class Evaluator:
     """Accuracy of every task of ``pool`` on ``split`` with a given encoder.
 
     ``models``: task models from :func:`load_task_models` to share between evaluators of
-    different splits (loaded here when ``None``); ``limit``: evaluate only the first ``limit``
-    examples of each task's split (``None``: all); ``max_length``: tokens per text (default: the
+    different splits (loaded here when ``None``); ``limit``: evaluate ``limit`` examples of each
+    task's split drawn at random without replacement by a generator seeded with ``SUBSET_SEED``
+    (the same examples every run; ``None``: all); ``max_length``: tokens per text (default: the
     pool's ``build_config["max_length"]``, else 128).
     """
 
@@ -149,7 +173,9 @@ class Evaluator:
         self.tasks: list[_TaskEval] = []
         for task in pool.tasks:
             data = getattr(task.data, split)
-            texts, labels = data.texts[:limit], data.labels[:limit]
+            keep = subset(len(data), limit)
+            texts = tuple(data.texts[i] for i in keep)
+            labels = tuple(data.labels[i] for i in keep)
             self._check_labels(task, labels, models[task.name])
             batches, ys = tokenize_split(_tokenizer(task, pool), texts, labels, batch_size, length)
             self.tasks.append(_TaskEval(task.name, models[task.name], batches, ys))
@@ -171,12 +197,30 @@ class Evaluator:
         ``fine_tuned`` baseline. The state must have exactly the encoder's tensor names.
         """
         out: dict[str, float] = {}
+        loaded: set[int] = set()  # encoder modules holding encoder_state already
         for t in self.tasks:
-            state = encoder_state
-            if state is None:
-                state = load_encoder_state(self.pool.task(t.name).encoder_dir)
-            load_into(t.model.base_model, state, where=f"task {t.name!r}")
+            encoder = t.model.base_model
+            if encoder_state is None:
+                own = load_encoder_state(self.pool.task(t.name).encoder_dir)
+                load_into(encoder, own, where=f"task {t.name!r}")
+            elif id(encoder) not in loaded:
+                load_into(encoder, encoder_state, where=f"task {t.name!r}")
+                loaded.add(id(encoder))
             out[t.name] = _accuracy(t)
+        return out
+
+    def evaluate_module(self, encoder: torch.nn.Module) -> dict[str, float]:
+        """``{task: accuracy}`` with ``encoder`` — a module called like the encoder (a dynamic
+        fusion result: WEMoE, SMILE, Twin-Merging) — in place of every task's encoder."""
+        out: dict[str, float] = {}
+        for t in self.tasks:
+            prefix = t.model.base_model_prefix
+            own = getattr(t.model, prefix)
+            setattr(t.model, prefix, encoder)
+            try:
+                out[t.name] = _accuracy(t)
+            finally:
+                setattr(t.model, prefix, own)
         return out
 
     @property
@@ -262,4 +306,5 @@ def make_evaluators(pool: Pool) -> tuple[Any, Any]:
 
         return clip_eval.ClipEvaluator(pool, "validation"), clip_eval.ClipEvaluator(pool, "test")
     models = load_task_models(pool)
-    return Evaluator(pool, "validation", models=models), Evaluator(pool, "test", models=models)
+    val = Evaluator(pool, "validation", models=models, limit=VALIDATION_LIMIT)
+    return val, Evaluator(pool, "test", models=models)

@@ -11,6 +11,14 @@ Sources of the values: task arithmetic λ ∈ [0.1, 1] with 0.3 typical for 8 ta
 rate 0.5 on small models (Yu et al. 2024); Breadcrumbs β = 0.9, γ = 0.01 (Davari & Belilovsky
 2024); DELLA d = 0.5, ε = 0.15; PCB ratio 0.1; LiNeS β ∈ [0.1, 1]; TSV α = 1, Iso-C/CTS α ∈
 {1, 1.5}; Consensus / TALL masks λ_t = 0.6, k = 2; KnOTS-TIES density 0.2, α ≈ 0.6; OPCM α = 0.5.
+
+Cheap grids: where a method's output is θ0 + s·Δ with Δ independent of its knob s (``SCALE_AXES``:
+task arithmetic's weight, TIES' λ, Iso-C's α, ...), the runner merges once per group of points
+that differ only in s and derives the others as θ0 + (s / s_ref)·(θ_ref − θ0) — equal to merging
+them to float32 rounding (checked for every such method in ``tests/bench/test_grid_scale.py``).
+So those grids are wider: a point costs one validation pass, not a merge. Recipes opt in to
+``index_tie_break`` (ties at a top-k magnitude cut broken by lowest index: no full sort of the
+30522 × 384 embedding matrix; mergekit's sort order matters only for mergekit bit-parity).
 """
 
 from __future__ import annotations
@@ -36,23 +44,40 @@ def _points(**axes: tuple[object, ...]) -> tuple[Params, ...]:
 # Recipe parameters per grid point (merged with FIXED[method]); a method missing here runs once
 # with its defaults (and FIXED).
 GRIDS: dict[str, tuple[Params, ...]] = {
-    "task_arithmetic": _points(weight=(0.2, 0.3, 0.5, 1.0)),
-    "ties": _points(lambda_=(0.6, 1.0)),
-    "dare_linear": _points(weight=(0.3, 0.5)),
-    "dare_ties": _points(weight=(0.3, 0.5)),
-    "breadcrumbs": _points(weight=(0.3, 0.5)),
-    "breadcrumbs_ties": _points(weight=(0.3, 0.5)),
-    "della": _points(lambda_=(0.6, 1.0)),
-    "della_linear": _points(weight=(0.3, 0.5)),
+    "task_arithmetic": _points(weight=(0.2, 0.3, 0.5, 0.7, 1.0)),
+    "ties": _points(lambda_=(0.6, 1.0, 1.4)),
+    "dare_linear": _points(weight=(0.3, 0.5, 0.7)),
+    "dare_ties": _points(weight=(0.3, 0.5, 0.7)),
+    "breadcrumbs": _points(weight=(0.3, 0.5, 0.7)),
+    "breadcrumbs_ties": _points(weight=(0.3, 0.5, 0.7)),
+    "della": _points(lambda_=(0.6, 1.0, 1.4)),
+    "della_linear": _points(weight=(0.3, 0.5, 0.7)),
     "sce": _points(select_topk=(0.1, 1.0)),
-    "magmax": _points(lambda_=(0.5, 1.0)),
-    "pcb": _points(lambda_=(0.5, 1.0)),
+    "magmax": _points(lambda_=(0.5, 1.0, 1.5)),
+    "pcb": _points(lambda_=(0.5, 1.0, 1.5)),
     "lines": _points(beta=(0.5, 1.0)),
-    "iso_c": _points(alpha=(1.0, 1.5)),
-    "iso_cts": _points(alpha=(1.0, 1.5)),
+    "iso_c": _points(alpha=(1.0, 1.5, 2.0)),
+    "iso_cts": _points(alpha=(1.0, 1.5, 2.0)),
     "consensus": _points(lambda_=(0.3, 0.5)),
     "tall_masks": _points(lambda_=(0.3, 0.5)),
-    "knots": _points(alpha=(0.6, 1.0)),
+    "knots": _points(alpha=(0.6, 1.0, 1.4)),
+}
+
+# The knob s of methods whose output is θ0 + s·Δ (Δ independent of s), by recipe name.
+SCALE_AXES: dict[str, str] = {
+    "task_arithmetic": "weight",
+    "ties": "lambda",
+    "dare_linear": "weight",
+    "dare_ties": "weight",
+    "breadcrumbs": "weight",
+    "breadcrumbs_ties": "weight",
+    "della": "lambda",
+    "della_linear": "weight",
+    "magmax": "lambda",
+    "pcb": "lambda",
+    "iso_c": "alpha",
+    "iso_cts": "alpha",
+    "knots": "alpha",
 }
 
 # Parameters every grid point of a method gets (the paper's setting of the knobs not tuned).
@@ -89,6 +114,27 @@ def grid_for(method: str) -> list[Params]:
     for p in points:
         merged = {**fixed, **p}
         out.append({("lambda" if k == "lambda_" else k): v for k, v in merged.items()})
+    return out
+
+
+def scale_groups(method: str, grid: list[Params]) -> list[tuple[int, list[tuple[int, float]]]]:
+    """``[(reference index, [(point index, s / s_ref), ...]), ...]``: grid points grouped so that
+    each group is merged once (at its first point) and its other points derived by scaling
+    (``SCALE_AXES``); a method without a scale axis gets one group per point."""
+    axis = SCALE_AXES.get(method)
+    groups: dict[str, tuple[int, list[tuple[int, float]]]] = {}
+    out: list[tuple[int, list[tuple[int, float]]]] = []
+    for i, p in enumerate(grid):
+        s = p.get(axis) if axis else None
+        if not isinstance(s, (int, float)) or s == 0:
+            out.append((i, [(i, 1.0)]))
+            continue
+        key = repr(sorted((k, v) for k, v in p.items() if k != axis))
+        if key not in groups:
+            groups[key] = (i, [])
+            out.append(groups[key])
+        ref, members = groups[key]
+        members.append((i, float(s) / float(grid[ref][axis])))  # type: ignore[arg-type]
     return out
 
 
@@ -177,6 +223,7 @@ def build_recipe(pool: Pool, spec: MethodSpec, params: Mapping[str, object]) -> 
             for t in pool.tasks
         ],
         "dtype": "float32",
+        "mergeforge": {"index_tie_break": True},
     }
     if spec.base != "unused":
         recipe["base_model"] = str(pool.base_dir)

@@ -30,7 +30,7 @@ class RunRecord:
     metric on the same task (the literature's normalized accuracy); ``params``: the recipe
     parameters chosen on the validation splits (``{}`` for baselines); ``selection``: every grid
     point tried with its validation score; ``val_value``: the chosen point's validation metric on
-    this task; timings and ``peak_rss_bytes`` are of the method's whole run (merge + evaluation
+    this task (``None`` for a method run once: with nothing to choose, validation is skipped); timings and ``peak_rss_bytes`` are of the method's whole run (merge + evaluation
     of every candidate), repeated on each of its task records; ``data_used`` says which data the
     method saw (e.g. ``"validation labels (hyperparameter choice)"``).
     """
@@ -40,7 +40,7 @@ class RunRecord:
     metric: str
     value: float
     normalized: float
-    val_value: float
+    val_value: float | None
     params: Mapping[str, object] = field(default_factory=dict)
     selection: Sequence[Candidate] = ()
     merge_s: float = 0.0

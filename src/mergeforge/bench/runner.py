@@ -26,7 +26,7 @@ from typing import Any
 
 from mergeforge.bench.evaluate import load_encoder_state, make_evaluators
 from mergeforge.bench.executors import ExecutorName, execute
-from mergeforge.bench.grid import Params, build_recipe, grid_for, select_methods
+from mergeforge.bench.grid import Params, build_recipe, grid_for, scale_groups, select_methods
 from mergeforge.bench.pool import Pool
 from mergeforge.bench.records import FORMAT, Candidate, RunRecord
 from mergeforge.bench.runinfo import run_info
@@ -142,7 +142,10 @@ def _merge_state(job: MethodJob, index: int, params: Params) -> dict:
 
 
 def run_method_job(job: MethodJob) -> dict[str, object]:
-    """Run one method's grid on validation, the chosen point on test; the run-file dict."""
+    """Run one method's grid on validation, the chosen point on test; the run-file dict.
+
+    Points that differ only in a scale knob (``grid.scale_groups``) share one merge. A method
+    with a single point skips validation (nothing to choose)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -150,41 +153,79 @@ def run_method_job(job: MethodJob) -> dict[str, object]:
         torch.set_num_threads(job.threads)
     val_ev, test_ev = evaluators(job.pool)
     t0 = time.perf_counter()
-    merge_s = eval_s = 0.0
-    candidates: list[Candidate] = []
-    best_state, best_val = None, {}
-    steps = 2 * len(job.grid) + 1
+    clock = {"merge": 0.0, "eval": 0.0}
+    candidates: list[Candidate | None] = [None] * len(job.grid)
+    best: tuple[dict | None, dict[str, float], int] = (None, {}, -1)
+    groups = scale_groups(job.method, list(job.grid))
+    single = len(job.grid) == 1
+    steps = len(groups) + (0 if single else len(job.grid)) + 1
     with (
         PeakRss() as rss,
         tqdm(total=steps, desc=job.method, disable=not job.progress, leave=False) as bar,
     ):
-        for i, params in enumerate(job.grid):
-            bar.set_postfix_str(f"merging {i + 1}/{len(job.grid)}")
-            t = time.perf_counter()
-            state = _merge_state(job, i, params)
-            merge_s += time.perf_counter() - t
+        for ref, members in groups:
+            bar.set_postfix_str(f"merging {ref + 1}/{len(job.grid)}")
+            with _timed(clock, "merge"):
+                merged = _merge_state(job, ref, job.grid[ref])
             bar.update()
-            bar.set_postfix_str(f"validating {i + 1}/{len(job.grid)}")
-            t = time.perf_counter()
-            val = val_ev.evaluate(state)
-            eval_s += time.perf_counter() - t
-            bar.update()
-            candidates.append(Candidate(dict(params), _mean(val)))
-            if choose(candidates) == i:
-                best_state, best_val = state, val
-            del state
+            if single:
+                best = (merged, {}, 0)
+                break
+            for i, factor in members:
+                bar.set_postfix_str(f"validating {i + 1}/{len(job.grid)}")
+                state = merged if factor == 1.0 else scaled(job.pool, merged, factor)
+                with _timed(clock, "eval"):
+                    val = val_ev.evaluate(state)
+                bar.update()
+                candidates[i] = Candidate(dict(job.grid[i]), _mean(val))
+                if _better(_mean(val), i, best):
+                    best = (state, val, i)
+            del merged
         bar.set_postfix_str("testing")
-        t = time.perf_counter()
-        test = test_ev.evaluate(best_state)
-        eval_s += time.perf_counter() - t
+        with _timed(clock, "eval"):
+            test = test_ev.evaluate(best[0])
         bar.update()
-    chosen = candidates[choose(candidates)]
-    timing = {"merge_s": merge_s, "eval_s": eval_s, "wall_s": time.perf_counter() - t0,
-              "peak_rss_bytes": rss.peak}  # fmt: skip
-    used = DATA_USED_GRID if len(job.grid) > 1 else DATA_USED_NONE
-    records = _records(job.method, job.pool, test, best_val, job.fine_tuned_test, chosen.params,
-                       tuple(candidates), timing, used, job.seed)  # fmt: skip
+    tried = tuple(c for c in candidates if c is not None)
+    chosen = dict(job.grid[0]) if single else tried[choose(tried)].params
+    timing = {"merge_s": clock["merge"], "eval_s": clock["eval"],
+              "wall_s": time.perf_counter() - t0, "peak_rss_bytes": rss.peak}  # fmt: skip
+    used = DATA_USED_NONE if single else DATA_USED_GRID
+    records = _records(job.method, job.pool, test, best[1], job.fine_tuned_test, chosen,
+                       tried, timing, used, job.seed)  # fmt: skip
     return _run_file(job.pool, job.method, job.seed, job.grid, records)
+
+
+def _better(score: float, index: int, best: tuple[object, dict[str, float], int]) -> bool:
+    """Whether point ``index`` beats the best so far (ties: the lower grid index, as ``choose``)."""
+    if best[2] < 0:
+        return True
+    top = _mean(best[1])
+    return score > top or (score == top and index < best[2])
+
+
+class _timed:
+    """Adds the block's wall time to ``clock[key]``."""
+
+    def __init__(self, clock: dict[str, float], key: str) -> None:
+        self.clock, self.key = clock, key
+
+    def __enter__(self) -> None:
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.clock[self.key] += time.perf_counter() - self.t
+
+
+_BASES: dict[str, dict] = {}
+
+
+def scaled(pool: Pool, merged: Mapping[str, Any], factor: float) -> dict:
+    """θ0 + factor·(merged − θ0) for every tensor (θ0 = the pool's base encoder, read once)."""
+    key = str(pool.base_dir)
+    if key not in _BASES:
+        _BASES[key] = load_encoder_state(pool.base_dir)
+    base = _BASES[key]
+    return {k: base[k] + factor * (v - base[k]) for k, v in merged.items()}
 
 
 def _records(
@@ -199,7 +240,7 @@ def _records(
         out.append(
             RunRecord(
                 method=method, task=task.name, metric=task.metric, value=value,
-                normalized=normalized, val_value=val[task.name], params=dict(params),
+                normalized=normalized, val_value=val.get(task.name), params=dict(params),
                 selection=selection, merge_s=timing["merge_s"], eval_s=timing["eval_s"],
                 wall_s=timing["wall_s"], peak_rss_bytes=int(timing["peak_rss_bytes"]),
                 data_used=data_used, seed=seed,

@@ -92,13 +92,24 @@ def shared_basis(taus: Tensor, subspace: float) -> Tensor:
     return u_u[:, :k].contiguous()  # (m, k)
 
 
-def surrogate_grad(taus: Tensor, lams: Tensor, delta: Tensor) -> Tensor:
+def surrogate_grad(taus: Tensor, lams: Tensor, delta: Tensor, rho0: Tensor | None = None) -> Tensor:
     """∇_δ of ``L(δ) = Σ_j Σ_rows ρ_j²`` with ``ρ_j = Σ_cols τ_j ⊙ (τ_j − S − cδ)``:
-    ``−2c Σ_j ρ_j τ_j`` (ρ_j broadcast along the columns)."""
+    ``−2c Σ_j ρ_j τ_j`` (ρ_j broadcast along the columns).
+
+    ``ρ_j = ρ0_j − c Σ_cols τ_j ⊙ δ`` with ``ρ0_j = Σ_cols τ_j ⊙ (τ_j − S)`` independent of δ:
+    pass ``rho0`` (:func:`surrogate_offset`) to reuse it across steps (two contractions a step).
+    """
     c = lams.sum()
-    s = (taus * lams.view(-1, 1, 1)).sum(0)  # (m, n)
-    rho = (taus * (taus - s - c * delta)).sum(2)  # (T, m)
+    if rho0 is None:
+        rho0 = surrogate_offset(taus, lams)
+    rho = rho0 - c * torch.einsum("tmn,mn->tm", taus, delta)  # (T, m)
     return torch.einsum("tm,tmn->mn", rho, taus) * (-2.0 * c)  # (m, n)
+
+
+def surrogate_offset(taus: Tensor, lams: Tensor) -> Tensor:
+    """``ρ0 (T, m)``: ``Σ_cols τ_j ⊙ (τ_j − S)`` with ``S = Σ_t λ_t τ_t``."""
+    s = (taus * lams.view(-1, 1, 1)).sum(0)  # (m, n)
+    return (taus * (taus - s)).sum(2)  # (T, m)
 
 
 def project_off(g: Tensor, basis: Tensor) -> Tensor:
@@ -114,8 +125,9 @@ def optimize_delta(taus: Tensor, lams: Tensor, basis: Tensor, steps: int, lr: fl
     """
     delta = torch.zeros_like(taus[0])  # (m, n)
     m1, m2 = torch.zeros_like(delta), torch.zeros_like(delta)  # (m, n) moments
+    rho0 = surrogate_offset(taus, lams)  # (T, m)
     for step in range(1, steps + 1):
-        g = project_off(surrogate_grad(taus, lams, delta), basis)  # (m, n)
+        g = project_off(surrogate_grad(taus, lams, delta, rho0), basis)  # (m, n)
         m1.lerp_(g, 1 - ADAM_BETAS[0])
         m2.mul_(ADAM_BETAS[1]).addcmul_(g, g, value=1 - ADAM_BETAS[1])
         step_size = lr / (1 - ADAM_BETAS[0] ** step)
