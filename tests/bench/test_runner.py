@@ -160,8 +160,9 @@ def test_every_grid_point_plans(pool) -> None:
     specs, skipped = select_methods(pool)
     assert {"passthrough", "slerp", "nuslerp", "arcee_fusion", "nearswap"} == set(skipped)
     assert "at most 1 model" in skipped["slerp"] and "opcm" in {s.name for s in specs}
-    assert len(specs) == len(REGISTRY) - 5
-    for spec in specs:
+    merges = [s for s in specs if s.name in {m.name for m in REGISTRY}]
+    assert len(merges) == len(REGISTRY) - 5
+    for spec in merges:
         for params in grid_for(spec.name):
             plan = plan_recipe(parse_recipe(build_recipe(pool, spec, params)))
             plan.close()

@@ -33,8 +33,8 @@ def test_task_vectors_are_stacked_differences() -> None:
     tv = task_vectors(p)
     assert p.names == ("weight", "bias")
     assert tv["weight"].shape == (2, 2, 3)
-    assert torch.equal(tv["weight"][0], torch.ones(2, 3))
-    assert torch.equal(tv["bias"][1], torch.full((2,), -2.0))
+    torch.testing.assert_close(tv["weight"][0], torch.ones(2, 3))
+    torch.testing.assert_close(tv["bias"][1], torch.full((2,), -2.0))
 
 
 def test_shape_mismatch_names_task_and_tensor() -> None:

@@ -104,7 +104,7 @@ def pool_max_length(pool: Pool) -> int:
     return int(value) if isinstance(value, (int, float, str)) else DEFAULT_MAX_LENGTH
 
 
-def _tokenizer(task: PoolTask, pool: Pool) -> Any:
+def task_tokenizer(task: PoolTask, pool: Pool) -> Any:
     """The task model's tokenizer, else the base's (the pool's encoders share one vocabulary)."""
     from transformers import AutoTokenizer
 
@@ -177,7 +177,9 @@ class Evaluator:
             texts = tuple(data.texts[i] for i in keep)
             labels = tuple(data.labels[i] for i in keep)
             self._check_labels(task, labels, models[task.name])
-            batches, ys = tokenize_split(_tokenizer(task, pool), texts, labels, batch_size, length)
+            batches, ys = tokenize_split(
+                task_tokenizer(task, pool), texts, labels, batch_size, length
+            )
             self.tasks.append(_TaskEval(task.name, models[task.name], batches, ys))
 
     def _check_labels(self, task: PoolTask, labels: tuple[int, ...], model: Any) -> None:
@@ -211,12 +213,17 @@ class Evaluator:
 
     def evaluate_module(self, encoder: torch.nn.Module) -> dict[str, float]:
         """``{task: accuracy}`` with ``encoder`` — a module called like the encoder (a dynamic
-        fusion result: WEMoE, SMILE, Twin-Merging) — in place of every task's encoder."""
+        fusion result: WEMoE, SMILE, Twin-Merging) — in place of every task's encoder (through
+        ``mergeforge.loading.EncoderAdapter``: ``input_ids`` positional, ``None`` arguments
+        dropped)."""
+        from mergeforge.loading import EncoderAdapter
+
+        adapted = EncoderAdapter(encoder)
         out: dict[str, float] = {}
         for t in self.tasks:
             prefix = t.model.base_model_prefix
             own = getattr(t.model, prefix)
-            setattr(t.model, prefix, encoder)
+            setattr(t.model, prefix, adapted)
             try:
                 out[t.name] = _accuracy(t)
             finally:

@@ -21,7 +21,12 @@ from typing import Any, Literal
 
 import torch
 
-from mergeforge.bench.evaluate import load_encoder_state, load_task_models, pool_max_length
+from mergeforge.bench.evaluate import (
+    load_encoder_state,
+    load_task_models,
+    pool_max_length,
+    task_tokenizer,
+)
 from mergeforge.bench.pool import Pool, PoolTask, Split
 from mergeforge.errors import FusionError
 from mergeforge.fusion.data import Batch, FusionProblem, FusionTask
@@ -118,7 +123,7 @@ def problem_from_pool(
     seed: int = 0,
 ) -> PoolProblem:
     """The fusion problem of a text-classification pool (see the module docstring)."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     if pool.kind != "text-classification":
         raise FusionError(
@@ -129,7 +134,6 @@ def problem_from_pool(
     names = tuple(n for n, _ in body.named_parameters())
     base = {n: p.detach().clone() for n, p in body.named_parameters()}
     models = load_task_models(pool)
-    tokenizer = AutoTokenizer.from_pretrained(pool.base_dir) if split else None
     length = pool_max_length(pool)
     experts, tasks, notes = [], [], set()
     for i, task in enumerate(pool.tasks):
@@ -139,6 +143,7 @@ def problem_from_pool(
         if split is not None:
             data, note = _split_of(task, split)
             notes.add(note)
+            tokenizer = task_tokenizer(task, pool)  # the task model's, else the base's
             pairs = _batches(data, tokenizer, max_examples, batch_size, length, seed + i)
         head = task_head(task, models[task.name])
         n_cls = int(models[task.name].config.num_labels)

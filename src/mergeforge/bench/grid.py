@@ -27,6 +27,8 @@ from collections.abc import Mapping
 
 from mergeforge.bench.pool import Pool
 from mergeforge.errors import MethodError
+from mergeforge.fusion.registry import FUSION_REGISTRY, find_fusion
+from mergeforge.fusion.spec import FusionSpec
 from mergeforge.methods.registry import REGISTRY, find_method
 from mergeforge.methods.spec import MethodSpec
 
@@ -99,6 +101,32 @@ FIXED: dict[str, Params] = {
     "opcm": {"alpha": 0.5},
 }
 
+# Fusion algorithms (``mergeforge.fusion``) run once, with the papers' settings shortened to fit a
+# 2-core CPU: test-time adaptation for 40 steps of one batch of 8 per task (papers: 500-1000 steps
+# of 16) at a 10x larger learning rate so that the coefficients move about as far; 128 examples
+# per task for Fisher / RegMean (papers: 256+). Recorded in every record's params.
+FUSION_FIXED: dict[str, Params] = {
+    "fisher": {"examples": 128},
+    "regmean": {"examples": 128},
+    "regmean_pp": {"examples": 128},
+    "adamerging": {"steps": 40, "lr": 0.01},
+    "adamerging_pp": {"steps": 40, "lr": 0.01},
+    "concrete_ta": {"steps": 40, "lr": 0.01},
+    "concrete_adamerging": {
+        "steps": 20,
+        "lr": 0.01,
+        "adamerging_steps": 20,
+        "adamerging_lr": 0.01,
+    },
+    "wemoe": {"steps": 40, "lr": 0.001},
+    "e_wemoe": {"steps": 40, "lr": 0.001},
+    "smile": {"gate_k": 16, "k": 32},
+    "twin_merging": {"epochs": 30, "lr": 0.002},
+}
+
+# Examples per batch of the data fusion algorithms read (test-time adaptation: per task per step).
+FUSION_BATCH = 8
+
 # Methods that do not combine several fine-tunes of one base into one model.
 NOT_MULTI_TASK: dict[str, str] = {
     "passthrough": "it copies one model (or stacks layers with `slices:`); it does not combine "
@@ -108,6 +136,8 @@ NOT_MULTI_TASK: dict[str, str] = {
 
 def grid_for(method: str) -> list[Params]:
     """The recipe-parameter dicts a method is tried with (``lambda_`` is written ``lambda``)."""
+    if find_fusion(method) is not None:
+        return [dict(FUSION_FIXED.get(method, {}))]
     fixed = FIXED.get(method, {})
     points = GRIDS.get(method, ({},))
     out = []
@@ -138,9 +168,16 @@ def scale_groups(method: str, grid: list[Params]) -> list[tuple[int, list[tuple[
     return out
 
 
-def not_applicable(spec: MethodSpec, pool: Pool) -> str | None:
+def not_applicable(spec: MethodSpec | FusionSpec, pool: Pool) -> str | None:
     """Why ``spec`` cannot run on ``pool`` (``None`` when it can)."""
     k = len(pool.tasks)
+    if isinstance(spec, FusionSpec):
+        if pool.kind != "text-classification":
+            return (
+                f"fusion algorithms run on text-classification pools (an encoder under task "
+                f"heads); {pool.name!r} is a {pool.kind} pool"
+            )
+        return None
     if spec.name in NOT_MULTI_TASK:
         return NOT_MULTI_TASK[spec.name]
     if spec.category != "data-free":
@@ -159,7 +196,7 @@ def not_applicable(spec: MethodSpec, pool: Pool) -> str | None:
 
 def select_methods(
     pool: Pool, methods: list[str] | None = None
-) -> tuple[list[MethodSpec], dict[str, str]]:
+) -> tuple[list[MethodSpec | FusionSpec], dict[str, str]]:
     """The methods to run on ``pool`` and ``{method: why skipped}``.
 
     ``None``: every registered method that applies (the others are skipped with their reason).
@@ -168,25 +205,21 @@ def select_methods(
     """
     if methods is None:
         chosen, skipped = [], {}
-        for spec in REGISTRY:
+        for spec in (*REGISTRY, *FUSION_REGISTRY):
             why = not_applicable(spec, pool)
             if why is None:
                 chosen.append(spec)
             else:
                 skipped[spec.name] = why
         return chosen, skipped
-    known = ", ".join(s.name for s in REGISTRY)
-    unknown = [
-        m for m in methods if find_method(m) is None and m not in ("pretrained", "fine_tuned")
-    ]
+    known = ", ".join(s.name for s in (*REGISTRY, *FUSION_REGISTRY))
+    unknown = [m for m in methods if _find(m) is None and m not in ("pretrained", "fine_tuned")]
     if unknown:
         raise MethodError(
             f"unknown method(s) {', '.join(map(repr, unknown))} in --methods; known methods: "
             f"{known} (the baselines pretrained and fine_tuned always run)"
         )
-    specs = [
-        find_method(m) for m in dict.fromkeys(methods) if m not in ("pretrained", "fine_tuned")
-    ]
+    specs = [_find(m) for m in dict.fromkeys(methods) if m not in ("pretrained", "fine_tuned")]
     problems = [f"{s.name}: {why}" for s in specs if s and (why := not_applicable(s, pool))]
     if problems:
         raise MethodError(
@@ -195,6 +228,10 @@ def select_methods(
             + ". Leave them out of --methods"
         )
     return [s for s in specs if s is not None], {}
+
+
+def _find(name: str) -> MethodSpec | FusionSpec | None:
+    return find_method(name) or find_fusion(name)
 
 
 def build_recipe(pool: Pool, spec: MethodSpec, params: Mapping[str, object]) -> dict[str, object]:

@@ -31,6 +31,7 @@ from mergeforge.bench.pool import Pool
 from mergeforge.bench.records import FORMAT, Candidate, RunRecord
 from mergeforge.bench.runinfo import run_info
 from mergeforge.errors import MergeforgeError, OutputError
+from mergeforge.fusion.registry import find_fusion
 from mergeforge.methods.registry import get_method
 
 AnyEvaluator = Any  # evaluate(state | None) -> {task: accuracy}; see evaluate.make_evaluators
@@ -151,6 +152,8 @@ def run_method_job(job: MethodJob) -> dict[str, object]:
 
     if job.threads:
         torch.set_num_threads(job.threads)
+    if find_fusion(job.method) is not None:
+        return _fusion_run(job)
     val_ev, test_ev = evaluators(job.pool)
     t0 = time.perf_counter()
     clock = {"merge": 0.0, "eval": 0.0}
@@ -192,6 +195,20 @@ def run_method_job(job: MethodJob) -> dict[str, object]:
     used = DATA_USED_NONE if single else DATA_USED_GRID
     records = _records(job.method, job.pool, test, best[1], job.fine_tuned_test, chosen,
                        tried, timing, used, job.seed)  # fmt: skip
+    return _run_file(job.pool, job.method, job.seed, job.grid, records)
+
+
+def _fusion_run(job: MethodJob) -> dict[str, object]:
+    """A fusion algorithm's run file (``bench.fusion_job``): run once, test evaluated."""
+    from mergeforge.bench.fusion_job import run_fusion_job
+
+    _, test_ev = evaluators(job.pool)
+    t0 = time.perf_counter()
+    with PeakRss() as rss:
+        test, timing, used = run_fusion_job(job, test_ev)
+    timing = {**timing, "wall_s": time.perf_counter() - t0, "peak_rss_bytes": rss.peak}
+    records = _records(job.method, job.pool, test, {}, job.fine_tuned_test, dict(job.grid[0]),
+                       (), timing, used, job.seed)  # fmt: skip
     return _run_file(job.pool, job.method, job.seed, job.grid, records)
 
 

@@ -30,6 +30,25 @@ class FusionSpec:
     paper: str
     doc: str
 
+    def params(self) -> list[dict[str, Any]]:
+        """``[{name, default, type}]`` of the config's fields, in order."""
+        out = []
+        for f in fields(self.config):
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            out.append({"name": f.name, "default": f.default, "type": kind})
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``mergeforge methods --json`` prints for this algorithm."""
+        return {
+            "name": self.name,
+            "category": self.category,
+            "summary": self.doc,
+            "data": self.data,
+            "paper": self.paper,
+            "params": self.params(),
+        }
+
     def make_config(self, params: dict[str, Any]) -> Any:
         """``config(**params)``; ``FusionError`` listing the known parameters for unknown ones."""
         from mergeforge.errors import FusionError
