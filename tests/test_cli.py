@@ -64,8 +64,13 @@ def test_methods_json_lists_parameters(capsys):
     params = {p["name"]: p for p in ties["parameters"]}
     assert params["density"]["scope"] == "per_model" and params["density"]["range"] == "[0, 1]"
     assert all(p["doc"] for m in methods.values() for p in m["parameters"])
+    ada = methods["adamerging"]
+    assert ada["category"] == "needs-data" and "test inputs" in ada["data"]
+    assert {p["name"]: p["default"] for p in ada["parameters"]}["init"] == 0.3
+    assert methods["smile"]["category"] == "dynamic"
     assert run_cli("methods") == 0
-    assert "dare_ties" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dare_ties" in out and "twin_merging  [dynamic]" in out
 
 
 def test_readme_method_table_is_generated_from_the_registry():

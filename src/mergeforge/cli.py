@@ -1,4 +1,4 @@
-"""Command line: ``mergeforge merge|validate|plan|methods|extract-lora|recover|bench``. Thin: parse, call the API, report.
+"""Command line: ``mergeforge merge|validate|plan|methods|extract-lora|recover|bench|fuse``. Thin: parse, call the API, report.
 
 Every ``MergeforgeError`` becomes a one-paragraph message on stderr and a non-zero exit code.
 """
@@ -215,10 +215,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
+    from mergeforge.fusion.registry import FUSION_REGISTRY
     from mergeforge.methods import REGISTRY
 
     if args.json:
-        print(json.dumps([s.to_json() for s in REGISTRY], indent=2))
+        records = [s.to_json() for s in REGISTRY] + [f.to_json() for f in FUSION_REGISTRY]
+        print(json.dumps(records, indent=2))
         return 0
     if args.markdown:
         print(methods_markdown())
@@ -230,6 +232,11 @@ def _methods(args: argparse.Namespace) -> int:
         for p in s.params:
             dflt = "required" if p.required else f"default {_yaml(p.default)}"
             print(f"    - {p.name} ({p.scope}, {p.kind}, {dflt}, {p.range_text()}): {p.doc}")
+    print("\nfusion algorithms (mergeforge fuse CONFIG.yaml OUT_DIR; mergeforge bench):")
+    for f in FUSION_REGISTRY:
+        print(f"{f.name}  [{f.category}]  {f.paper}\n    {f.doc}\n    data: {f.data}")
+        for p in f.params():
+            print(f"    - {p['name']} ({p['type']}, default {_yaml(p['default'])}): {p['doc']}")
     return 0
 
 
