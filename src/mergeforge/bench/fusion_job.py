@@ -58,4 +58,5 @@ def run_fusion_job(job: Any, test_ev: Any) -> tuple[dict[str, float], dict[str, 
     else:
         test = test_ev.evaluate_module(result.module)
     timing = {"merge_s": fuse_s, "eval_s": time.perf_counter() - t1}
-    return test, timing, f"{spec.data}: {built.data_note}"
+    used = spec.data if split is None else f"{spec.data}: {built.data_note} of each task"
+    return test, timing, used
