@@ -9,7 +9,7 @@ PIP_QUIET := -q --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test demo merge-demo lint venv mergekit-venv fusionbench-venv chromium bench-merge bench-opcm readme-methods clean
+.PHONY: test demo merge-demo lint venv mergekit-venv fusionbench-venv chromium bench-merge bench-opcm bench-fusion readme-methods clean
 
 # `--no-compile`: no bytecode for the thousands of files of torch & co. at install time (it halves
 # the install); Python compiles what is imported, once, on first use.
@@ -75,6 +75,9 @@ bench-merge: venv mergekit-venv
 
 bench-opcm: venv
 	$(VENV)/bin/python benchmarks/opcm_memory.py
+
+bench-fusion: venv
+	$(VENV)/bin/python benchmarks/fusion_speed.py
 
 readme-methods: venv
 	$(VENV)/bin/python scripts/update_readme_methods.py

@@ -137,14 +137,43 @@ class MergedModel:
         return functional_call(self.body, dict(params), args=(), kwargs=dict(batch))
 
     def entropy(self, params: Mapping[str, Tensor], batches: Sequence[Sequence[Batch]]) -> Tensor:
-        """Σ_t mean_b H(head_t(body(θ; x_b))): ``batches[t]`` are task t's batches (on device)."""
+        """Σ_t mean_b H(head_t(body(θ; x_b))): ``batches[t]`` are task t's batches (on device).
+
+        When gradients flow into ``params``, each task is backpropagated on its own into
+        detached copies of the merged tensors (one task's activations alive at a time, not T),
+        and the returned loss carries the summed gradient back to whatever built ``params``
+        (λ, mask logits): its value is the entropy sum, its gradient the same as differentiating
+        the sum directly."""
+        grad_into = [n for n, p in params.items() if p.requires_grad]
+        if not (torch.is_grad_enabled() and grad_into):
+            return self._entropy_sum(params, batches)
+        leaves = {n: p.detach().requires_grad_(n in grad_into) for n, p in params.items()}
+        total = torch.zeros(())
+        for task, task_batches in zip(self.tasks, batches, strict=True):
+            loss = self._task_entropy(task, leaves, task_batches)
+            loss.backward()
+            total = total + loss.detach().cpu()
+        link = sum(
+            (params[n] * leaves[n].grad).sum() for n in grad_into if leaves[n].grad is not None
+        )
+        link = torch.as_tensor(link)
+        return link - link.detach() + total.to(link.device)
+
+    def _entropy_sum(
+        self, params: Mapping[str, Tensor], batches: Sequence[Sequence[Batch]]
+    ) -> Tensor:
         total = None
         for task, task_batches in zip(self.tasks, batches, strict=True):
-            losses = [entropy(task.head(self.forward(params, b), b)) for b in task_batches]
-            loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
+            loss = self._task_entropy(task, params, task_batches)
             total = loss if total is None else total + loss
         assert total is not None  # a problem has at least one task
         return total
+
+    def _task_entropy(
+        self, task: Any, params: Mapping[str, Tensor], batches: Sequence[Batch]
+    ) -> Tensor:
+        losses = [entropy(task.head(self.forward(params, b), b)) for b in batches]
+        return torch.stack(losses).mean() if len(losses) > 1 else losses[0]
 
     @torch.no_grad()
     def state(
