@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mergeforge.bench.board import Board, build_board, flatten_info, format_params, md, num
+from mergeforge.bench.literature import literature_checks, verdict
 from mergeforge.bench.report_html import render_html
 from mergeforge.errors import OutputError
 
@@ -67,6 +68,10 @@ def write_leaderboard(results: dict, path: str | Path) -> str:
     ]
     if any(not board.complete(r) for r in board.rows):
         lines += ["", "\\* average over the tasks this method has results for (some are missing)."]
+    lines += ["", "## Literature ordering on this pool", ""]
+    checks = literature_checks(board)
+    lines += _md_table(["claim", "here", "numbers"],
+                       [[md(c.claim), verdict(c), md(c.detail)] for c in checks], "lll")  # fmt: skip
     lines += ["", "## Chosen hyperparameters and data used", ""]
     params_body = [
         [md(r.method), md(format_params(r.params)), str(len(r.selection)), md(r.data_used or "—")]

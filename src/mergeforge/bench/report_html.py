@@ -9,6 +9,7 @@ from html import escape
 
 from mergeforge.bench import svg
 from mergeforge.bench.board import Board, Row, flatten_info, format_params, format_value, num
+from mergeforge.bench.literature import literature_checks, verdict
 from mergeforge.methods.registry import find_method
 
 CSS = """
@@ -226,6 +227,13 @@ def _tasks_table(board: Board) -> str:
     return _table(["task", "classes", "examples", "source"], body, {1})
 
 
+def _literature_table(board: Board) -> str:
+    rows = [
+        [escape(c.claim), escape(verdict(c)), escape(c.detail)] for c in literature_checks(board)
+    ]
+    return _table(["claim", "here", "numbers"], rows, set())
+
+
 def render_html(board: Board) -> str:
     """The whole report page (self-contained: inline CSS and SVG, no external resource)."""
     name = str(board.pool.get("name", "?"))
@@ -234,6 +242,7 @@ def render_html(board: Board) -> str:
         ("leaderboard", "Leaderboard", _html_leaderboard(board)),
         ("per-task", "Per-task results by method", _per_task_chart(board)),
         ("normalized", "Normalized average by method", _norm_chart(board)),
+        ("literature", "Literature ordering on this pool", _literature_table(board)),
         ("cost", "Time and memory by method", _cost_charts(board)),
         ("sensitivity", "Hyperparameter sensitivity", _sensitivity_charts(board)),
         ("params", "Chosen hyperparameters and data used", _params_table(board)),
