@@ -22,15 +22,6 @@ from mergeforge.fusion.losses import entropy
 from mergeforge.methods.ties import ties
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_math_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine's other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def problem() -> FusionProblem:
     return tiny_problem(3, batches=3, n=4, spread=0.2)

@@ -217,15 +217,6 @@ def _cases(problem: FusionProblem, merge: FusionProblem) -> dict:
     }  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_math_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine's other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def parity(
     tmp_path_factory: pytest.TempPathFactory,

@@ -27,15 +27,6 @@ ONES = {"steps": 0, "init_logits": 40.0, "eval_mask": "discrete"}
 """σ(40) rounds to 1 in float32, so the discrete mask is all ones: the base method."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_math_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine's other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def problem() -> FusionProblem:
     return tiny_problem(3, batches=3, n=4, spread=0.2)

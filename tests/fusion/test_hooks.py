@@ -25,15 +25,6 @@ OUTPUT = "encoder.layer.1.output.dense"
 POOLER = "pooler.dense"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads only spin against other processes on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def problem():
     return tiny_problem(tasks=2, batches=2, n=4)

@@ -15,15 +15,6 @@ from mergeforge.fusion.losses import entropy
 from mergeforge.fusion.merged import MergedModel, Streams, check_fields, is_int, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_math_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine's other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def problem() -> FusionProblem:
     return tiny_problem(3, batches=2, n=3)

@@ -22,15 +22,6 @@ from mergeforge.fusion.regmean import (
 EXACT = RegMeanConfig(alpha=1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads only spin against other processes on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def bert() -> FusionProblem:
     return tiny_problem(tasks=3, batches=2, n=4)

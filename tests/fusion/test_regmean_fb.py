@@ -179,7 +179,6 @@ def _functions_case() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    torch.set_num_threads(1)
     problem = tiny_problem(tasks=TASKS, batches=2, n=4)
     heads = [make_head(3, t)[0].state_dict() for t in range(TASKS)]
     config = {

@@ -20,15 +20,6 @@ from mergeforge.fusion.smile import SmileConfig, SmileLinear, extra_parameters
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_math_thread():
-    """Tiny tensors: one thread is fastest, and avoids thread contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> None:
     err = float((a - b).detach().abs().max())
     assert err <= tol * max(1.0, float(b.abs().max())), f"max error {err:g}"

@@ -22,15 +22,6 @@ MLP_KEY = re.compile(r"encoder\.layer\.\d+\.(intermediate|output)\.dense\.")
 """The BERT MLP tensors, written independently of the module's pattern table."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run fastest (and reproducibly) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def problem() -> FusionProblem:
     return tiny_problem(spread=0.5)
