@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 from mergeforge.bench.evaluate import load_encoder_state, make_evaluators
 from mergeforge.bench.executors import ExecutorName, execute
 from mergeforge.bench.grid import Params, build_recipe, grid_for, scale_groups, select_methods
+from mergeforge.bench.measure import PeakRss, timed
 from mergeforge.bench.pool import Pool
 from mergeforge.bench.records import FORMAT, Candidate, RunRecord
 from mergeforge.bench.runinfo import run_info
@@ -76,42 +76,6 @@ def evaluators(pool: Pool) -> tuple[AnyEvaluator, AnyEvaluator]:
     if key not in _EVALUATORS:
         _EVALUATORS[key] = make_evaluators(pool)
     return _EVALUATORS[key]
-
-
-class PeakRss:
-    """Context manager sampling this process's RSS on a thread; ``peak`` in bytes.
-
-    Without psutil, ``peak`` is the process's lifetime peak (``getrusage`` ``ru_maxrss``)."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self, proc: Any) -> None:
-        while True:
-            self.peak = max(self.peak, int(proc.memory_info().rss))
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> PeakRss:
-        try:
-            import psutil
-        except ImportError:
-            return self
-        self._thread = threading.Thread(target=self._sample, args=(psutil.Process(),), daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is None:
-            import resource
-
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-            return
-        self._stop.set()
-        self._thread.join()
 
 
 def choose(candidates: Sequence[Candidate]) -> int:
@@ -168,7 +132,7 @@ def run_method_job(job: MethodJob) -> dict[str, object]:
     ):
         for ref, members in groups:
             bar.set_postfix_str(f"merging {ref + 1}/{len(job.grid)}")
-            with _timed(clock, "merge"):
+            with timed(clock, "merge"):
                 merged = _merge_state(job, ref, job.grid[ref])
             bar.update()
             if single:
@@ -177,7 +141,7 @@ def run_method_job(job: MethodJob) -> dict[str, object]:
             for i, factor in members:
                 bar.set_postfix_str(f"validating {i + 1}/{len(job.grid)}")
                 state = merged if factor == 1.0 else scaled(job.pool, merged, factor)
-                with _timed(clock, "eval"):
+                with timed(clock, "eval"):
                     val = val_ev.evaluate(state)
                 bar.update()
                 candidates[i] = Candidate(dict(job.grid[i]), _mean(val))
@@ -185,7 +149,7 @@ def run_method_job(job: MethodJob) -> dict[str, object]:
                     best = (state, val, i)
             del merged
         bar.set_postfix_str("testing")
-        with _timed(clock, "eval"):
+        with timed(clock, "eval"):
             test = test_ev.evaluate(best[0])
         bar.update()
     tried = tuple(c for c in candidates if c is not None)
@@ -218,19 +182,6 @@ def _better(score: float, index: int, best: tuple[object, dict[str, float], int]
         return True
     top = _mean(best[1])
     return score > top or (score == top and index < best[2])
-
-
-class _timed:
-    """Adds the block's wall time to ``clock[key]``."""
-
-    def __init__(self, clock: dict[str, float], key: str) -> None:
-        self.clock, self.key = clock, key
-
-    def __enter__(self) -> None:
-        self.t = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.clock[self.key] += time.perf_counter() - self.t
 
 
 _BASES: dict[str, dict] = {}
