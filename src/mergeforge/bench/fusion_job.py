@@ -12,44 +12,28 @@ as the papers do.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from mergeforge.fusion.registry import get_fusion
 from mergeforge.fusion.results import StaticResult
 
 
-def _bar(job: Any, total_hint: int) -> tuple[Any, Callable[[int, int, float], None]]:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_hint, desc=job.method, disable=not job.progress, leave=False)
-
-    def progress(step: int, total: int, loss: float) -> None:
-        if bar.total != total:
-            bar.reset(total=total)
-        bar.n = step
-        bar.set_postfix_str(f"loss {loss:.4g}")
-        bar.refresh()
-
-    return bar, progress
-
-
 def run_fusion_job(job: Any, test_ev: Any) -> tuple[dict[str, float], dict[str, float], str]:
     """``(test accuracies, timing, data used)`` of fusion algorithm ``job.method`` on
     ``job.pool`` with ``job.grid[0]`` as its parameters (plus ``seed`` where it has one)."""
+    from mergeforge.bench.fuse import progress_bar
     from mergeforge.bench.fusion_problem import ALGORITHM_SPLIT, problem_from_pool
     from mergeforge.bench.grid import FUSION_BATCH
 
     spec = get_fusion(job.method)
     params = dict(job.grid[0])
-    if "seed" in {f for f in spec.config.__dataclass_fields__}:
+    if "seed" in spec.config.__dataclass_fields__:
         params.setdefault("seed", job.seed)
     config = spec.make_config(params)
     t0 = time.perf_counter()
     split = ALGORITHM_SPLIT.get(job.method)
     built = problem_from_pool(job.pool, split, batch_size=FUSION_BATCH, seed=job.seed)
-    bar, progress = _bar(job, 1)
-    with bar:
+    with progress_bar(job.method, job.progress) as progress:
         result = spec.run(built.problem, config, device="cpu", progress=progress)
     fuse_s = time.perf_counter() - t0
     t1 = time.perf_counter()
