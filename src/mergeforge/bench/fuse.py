@@ -146,7 +146,12 @@ def fuse(
     pool = load_user_pool(req.path, cache_root=cache_root)
     split = ALGORITHM_SPLIT.get(req.spec.name)
     built = problem_from_pool(
-        pool, split, max_examples=MAX_EXAMPLES, batch_size=BATCH_SIZE, seed=DATA_SEED
+        pool,
+        split,
+        max_examples=MAX_EXAMPLES,
+        batch_size=BATCH_SIZE,
+        seed=DATA_SEED,
+        device=req.device,
     )
     t0 = time.perf_counter()
     with progress_bar(req.spec.name, progress) as bar:

@@ -78,8 +78,12 @@ class PoolProblem:
     data_note: str
 
 
-def task_head(task: PoolTask, model: Any) -> Callable[[Any, Batch], torch.Tensor]:
-    """The head function of ``task``'s model; ``FusionError`` for an unknown architecture."""
+def task_head(
+    task: PoolTask, model: Any, device: torch.device | str = "cpu"
+) -> Callable[[Any, Batch], torch.Tensor]:
+    """The head function of ``task``'s model, its ``classifier`` moved to ``device`` (the
+    contract of ``fusion.data``: heads live where the algorithm runs); ``FusionError`` for an
+    unknown architecture."""
     kind = str(model.config.model_type)
     if kind not in HEADS:
         raise FusionError(
@@ -88,6 +92,7 @@ def task_head(task: PoolTask, model: Any) -> Callable[[Any, Batch], torch.Tensor
         )
     for p in model.parameters():
         p.requires_grad_(False)
+    model.classifier.to(device)
     return HEADS[kind](model)
 
 
@@ -121,8 +126,11 @@ def problem_from_pool(
     max_examples: int = 256,
     batch_size: int = 16,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> PoolProblem:
-    """The fusion problem of a text-classification pool (see the module docstring)."""
+    """The fusion problem of a text-classification pool (see the module docstring), with the
+    task heads on ``device`` (the body, θ0, experts and batches stay on the CPU: algorithms
+    move what they use)."""
     from transformers import AutoModel
 
     if pool.kind != "text-classification":
@@ -145,7 +153,7 @@ def problem_from_pool(
             notes.add(note)
             tokenizer = task_tokenizer(task, pool)  # the task model's, else the base's
             pairs = _batches(data, tokenizer, max_examples, batch_size, length, seed + i)
-        head = task_head(task, models[task.name])
+        head = task_head(task, models[task.name], device)
         n_cls = int(models[task.name].config.num_labels)
         tasks.append(FusionTask(task.name, head, n_cls, tuple(b for b, _ in pairs), pairs))
     problem = FusionProblem(body, base, tuple(experts), tuple(tasks), names)
