@@ -281,3 +281,25 @@ def test_answer_loss_matches_full_sequence_loss(base_dir: Path) -> None:
             out = model(input_ids=torch.tensor([p + a]), labels=labels)
             nll, count = nll + float(out.loss) * len(a), count + len(a)
     assert abs(float(got) - nll / count) < 1e-5
+
+
+def test_interrupted_validation_is_recorded_on_the_next_build(
+    base_dir: Path, pool, tmp_path: Path, monkeypatch
+) -> None:
+    real = llm_pool.evaluate_lm
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm_pool, "evaluate_lm", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # trained and cached, then stopped while evaluating
+        build_lm_pool(base_dir, TASKS, CONFIG, tmp_path, progress=False)
+    assert "validation" not in json.loads(
+        (tmp_path / pool.fingerprint / "manifest.json").read_text()
+    )
+    monkeypatch.setattr(llm_pool, "evaluate_lm", real)
+    monkeypatch.setattr(llm_pool, "finetune_lm", lambda *a, **k: pytest.fail("retrained"))
+    again = build_lm_pool(base_dir, TASKS, CONFIG, tmp_path, progress=False)
+    m = json.loads((again.root / "manifest.json").read_text())
+    assert m["validation"] == json.loads((pool.root / "manifest.json").read_text())["validation"]
+    assert not list(again.root.glob("*.tmp-*"))

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -260,42 +261,50 @@ def build_lm_pool(
     base_info: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Pool:
-    """Fine-tune ``base_dir`` on every task (or reuse the cached pool of the same config)."""
-    from mergeforge.bench.finetune import deterministic_torch
-
+    """Fine-tune ``base_dir`` on every task (or reuse the cached pool of the same config); with
+    ``config.evaluate``, record validation accuracies in the manifest if it lacks them."""
     base_info = base_info or {"base_digest": dir_digest(base_dir)}
     bcfg = build_config(base_info["base_digest"], tasks, config)
     fp = fingerprint(bcfg)
     final = cache_root / fp
-    if (final / "manifest.json").is_file():
-        return load_lm_pool(final)
-
-    def build(tmp: Path) -> None:
-        t0, entries = time.perf_counter(), []
-        with deterministic_torch(config.threads):
-            for task in tasks:
-                _write_data(tmp, task)
-                stats = finetune_lm(
-                    base_dir, task, config, tmp / "tasks" / task.data.name, progress
-                )
-                entries.append(_manifest_task(task, stats))
-        manifest = {
-            "name": POOL_NAME,
-            "kind": "causal-lm",
-            "fingerprint": fp,
-            "base_dir": str(base_dir),
-            "base": base_info,
-            "build_config": bcfg,
-            "tasks": entries,
-            "build_seconds": round(time.perf_counter() - t0, 2),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-
-    _atomic_dir(final, build)
+    if not (final / "manifest.json").is_file():
+        header = {"fingerprint": fp, "base_dir": str(base_dir), "base": base_info}
+        header["build_config"] = bcfg
+        train = partial(_train_all, base_dir=base_dir, tasks=tasks, config=config, header=header)
+        _atomic_dir(final, partial(train, progress=progress))
     pool = load_lm_pool(final)
-    if config.evaluate:
-        record_validation(pool)
+    if config.evaluate and "validation" not in json.loads((final / "manifest.json").read_text()):
+        record_validation(pool)  # also finishes a cached pool whose evaluation was interrupted
     return pool
+
+
+def _train_all(
+    tmp: Path,
+    *,
+    base_dir: Path,
+    tasks: Sequence[LMTask],
+    config: LMPoolConfig,
+    header: dict[str, Any],
+    progress: bool,
+) -> None:
+    """Fine-tune every task into ``tmp/tasks/<name>`` and write ``tmp/manifest.json`` (``header``:
+    the fingerprint, base and build config)."""
+    from mergeforge.bench.finetune import deterministic_torch
+
+    t0, entries = time.perf_counter(), []
+    with deterministic_torch(config.threads):
+        for task in tasks:
+            _write_data(tmp, task)
+            stats = finetune_lm(base_dir, task, config, tmp / "tasks" / task.data.name, progress)
+            entries.append(_manifest_task(task, stats))
+    manifest = {
+        "name": POOL_NAME,
+        "kind": "causal-lm",
+        **header,
+        "tasks": entries,
+        "build_seconds": round(time.perf_counter() - t0, 2),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
 
 
 def record_validation(pool: Pool) -> dict[str, dict[str, float]]:
@@ -312,7 +321,9 @@ def record_validation(pool: Pool) -> dict[str, dict[str, float]]:
     path = pool.root / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["validation"] = table
-    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    tmp = path.with_name(f"manifest.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)  # readers of a cached pool never see a half-written manifest
     return table
 
 

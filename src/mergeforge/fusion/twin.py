@@ -13,7 +13,8 @@ no implementation.
 The router (``Linear(d, 2d)–BN–LeakyReLU–Dropout–Linear(2d, 2d)–BN–LeakyReLU–Dropout–
 Linear(2d, T)``, as the official code) is trained with cross-entropy to predict which task an
 input came from: only the tasks' inputs and their task identity are used, never class labels.
-Samples with identical routing weights share one forward pass; otherwise each sample runs alone.
+θ(x) is applied as per-sample corrections of θ*'s module outputs (``fusion.twin_apply``), or, for
+modules those do not cover, by running each distinct routing weight's samples alone.
 Deviations from the official code: no held-out split and best-validation checkpoint (the router
 trains a fixed number of epochs, and the result reports its routing-set accuracy); a rank-r
 factorisation that would not be smaller than the dense tensor is stored dense.
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mergeforge.errors import FusionError
+from mergeforge.fusion import twin_apply
 from mergeforge.fusion.data import Batch, FusionProblem, StateDict, mean_hidden, to_device
 from mergeforge.fusion.losses import Progress, check_finite
 from mergeforge.fusion.results import DynamicResult
@@ -134,6 +136,14 @@ class TwinModule(nn.Module):
         wa = (a * w.to(a.dtype)[:, None, None]).permute(1, 0, 2).flatten(1)  # (m, T·r)
         return wa @ b.flatten(0, 1)  # (m, n)
 
+    def twin_tensors(self) -> dict[str, twin_apply.ModuleTwins]:
+        """``{module path: {attribute: [dense] or [a, b]}}`` of every tensor's twin vectors."""
+        named = {}
+        for name, rank in self.layout.items():
+            keys = [_key(name)] if rank < 0 else [_key(name) + "__a", _key(name) + "__b"]
+            named[name] = [getattr(self.twin, k) for k in keys]
+        return twin_apply.owners(named)
+
     def params_for(self, w: Tensor) -> StateDict:
         """θ(x) = θ* + Σ_t w_t v_t for every tensor with twin vectors."""
         return {n: self.body.get_parameter(n) + self.twin_vector(n, w) for n in self.layout}
@@ -144,7 +154,21 @@ class TwinModule(nn.Module):
         return torch.softmax(self.router(mean_hidden(self.body(**batch), batch)), dim=-1)
 
     def forward(self, **batch: Tensor) -> Any:
+        """The body's outputs with θ(x) per sample: θ*'s modules plus per-sample corrections
+        (``fusion.twin_apply``) where the body allows, else one call per distinct ``w``."""
         w = self.route(batch)  # (N, T)
+        twins = self.twin_tensors()
+        if twin_apply.supports(self.body, twins):
+            try:
+                with twin_apply.hooked(self.body, twins, w):
+                    return self.body(**batch)
+            except twin_apply.NotBatchFirst:
+                pass
+        return self.materialised(batch, w)
+
+    def materialised(self, batch: Batch, w: Tensor) -> Any:
+        """The outputs with θ(x) synthesised for each distinct row of ``w (N, T)`` and the body
+        run on those samples alone (the reference the corrections are tested against)."""
         groups, inverse = torch.unique(w, dim=0, return_inverse=True)  # (G, T), (N,)
         parts = []
         for g in range(groups.shape[0]):
