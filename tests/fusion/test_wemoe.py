@@ -13,10 +13,18 @@ from torch import nn
 
 from fusion_problems import make_head, tiny_body, tiny_problem
 from mergeforge.errors import FusionError
+from mergeforge.fusion import wemoe_modules
 from mergeforge.fusion.data import FusionProblem, FusionTask
 from mergeforge.fusion.losses import entropy
 from mergeforge.fusion.wemoe import SPECS, EWEMoEConfig, WEMoEConfig, rebuild, run, upscale
-from mergeforge.fusion.wemoe_modules import find_mlps, prune_magnitude, routed_layers, routers
+from mergeforge.fusion.wemoe_modules import (
+    WEMoEHub,
+    WEMoELinear,
+    find_mlps,
+    prune_magnitude,
+    routed_layers,
+    routers,
+)
 
 MLP_KEY = re.compile(r"encoder\.layer\.\d+\.(intermediate|output)\.dense\.")
 """The BERT MLP tensors, written independently of the module's pattern table."""
@@ -116,6 +124,36 @@ def test_per_sample_routing_equals_each_sample_alone(problem: FusionProblem) -> 
         torch.testing.assert_close(together[i : i + 1], alone, atol=1e-5, rtol=1e-5)
     module.wemoe_hub.batch_reduce = True  # one routing vector for the batch: not the same model
     assert (_outputs(module, batch) - together).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_per_sample_weights_both_ways_equal_the_explicit_product(
+    tokens: int, bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W(x_b) = W0 + Σ_t r_bt τ_t applied to x_b: by the concatenated product (short inputs) and by
+    building W(x_b) (long ones) both equal the per-sample reference written out here."""
+    gen = torch.Generator().manual_seed(3)
+    linear = nn.Linear(6, 5, bias=bias)
+    layer = WEMoELinear(linear, 3, WEMoEHub(None, None), 0, False, None)
+    with torch.no_grad():
+        layer.task_weight.copy_(torch.randn(3, 5, 6, generator=gen))
+        if bias:
+            layer.task_bias.copy_(torch.randn(3, 5, generator=gen))
+    x = torch.randn(4, tokens, 6, generator=gen)  # (B, L, in)
+    r = torch.randn(4, 3, generator=gen)  # (B, T)
+    want = []
+    for b in range(4):
+        w = linear.weight + sum(r[b, t] * layer.task_weight[t] for t in range(3))
+        y = x[b] @ w.T
+        if bias:
+            y = y + linear.bias + r[b] @ layer.task_bias
+        want.append(y)
+    for limit in (0, 1000):  # 0: always build W(x_b); 1000: always the concatenated product
+        monkeypatch.setattr(wemoe_modules, "FACTORED_MAX_TOKENS", limit)
+        with torch.no_grad():
+            got = layer.apply_routes(x, r)
+        torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
 
 
 def test_router_ignores_padding_and_reads_a_positional_mask(problem: FusionProblem) -> None:

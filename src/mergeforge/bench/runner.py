@@ -365,6 +365,8 @@ def run_bench(
         jobs.append(MethodJob(pool, name, grid, seed, str(out / "work"), ft_test,
                               progress and workers == 1 and executor == "local",
                               _threads(workers) if workers > 1 else None))  # fmt: skip
+    if workers > 1:  # longest first, so no worker idles at the end: fusion jobs train
+        jobs.sort(key=lambda j: find_fusion(j.method) is None)
     for job, result in _with_bar(
         execute(jobs, run_method_job, executor, workers, address), len(jobs), progress
     ):
