@@ -9,8 +9,9 @@ per task (the same T batches for every measurement). Four measurements:
    ``adamerging.run``) vs **one plain pass**: the body with every parameter trainable, the same
    entropy through each task's head on the same batches, one backward to all parameters.
    Ratio = median step / median plain pass (target ≤ 2).
-2. **WEMoE training step** (``wemoe.upscale`` with the default config, routers batch-reduced; the
-   body of ``wemoe.run``'s loop: per task forward + entropy + backward, then one Adam step) vs the
+2. **WEMoE training step** (``wemoe.upscale`` with the default config, routers batch-reduced;
+   ``wemoe.train_step``, what ``wemoe.run`` loops over: per task forward + entropy + backward,
+   then one Adam step) vs the
    same plain pass (target ≤ 2). The three are timed interleaved, ``--repeats`` rounds after
    ``WARMUP`` rounds, the order rotated every round.
 3. **Peak memory**: each of plain / AdaMerging / WEMoE runs in a fresh subprocess that loads the
@@ -59,11 +60,11 @@ import torch  # noqa: E402
 import _runinfo  # noqa: E402
 from mergeforge.fusion.adamerging import AdaMergingConfig  # noqa: E402
 from mergeforge.fusion.data import Batch, FusionProblem  # noqa: E402
-from mergeforge.fusion.losses import check_finite, entropy  # noqa: E402
+from mergeforge.fusion.losses import entropy  # noqa: E402
 from mergeforge.fusion.merged import MergedModel, train  # noqa: E402
 from mergeforge.fusion.smile import SmileConfig  # noqa: E402
 from mergeforge.fusion.smile import run as smile_run  # noqa: E402
-from mergeforge.fusion.wemoe import WEMoEConfig, routers, upscale  # noqa: E402
+from mergeforge.fusion.wemoe import WEMoEConfig, routers, train_step, upscale  # noqa: E402
 
 POOL = "text-minilm"
 BATCH_SIZE = 16
@@ -83,7 +84,7 @@ MEASUREMENT = {
     "adamerging_step": "fusion.merged.train(steps=1) on layer-wise λ (K, T) with the objective "
     "of adamerging.run: MergedModel.entropy(MergedModel.params(λ), one batch per task); a fresh "
     "Adam per call (its state is λ-sized)",
-    "wemoe_step": "the body of wemoe.run's loop: zero_grad, per task forward + entropy + "
+    "wemoe_step": "wemoe.train_step (wemoe.run's loop): zero_grad, per task forward + entropy + "
     "backward, check_finite, Adam step on the routers; hub.batch_reduce on",
     "plain_pass": "problem.body with requires_grad on every parameter: zero_grad, Σ_t entropy("
     "head_t(body(batch_t))), one backward; no optimizer",
@@ -168,22 +169,15 @@ def adamerging_step(
 def wemoe_step(
     problem: FusionProblem, batches: Sequence[Batch], config: WEMoEConfig | None = None
 ) -> tuple[Step, torch.nn.Module]:
-    """One WEMoE router-training step (the body of ``wemoe.run``'s loop); also the module."""
+    """One WEMoE router-training step (``wemoe.train_step``, what ``wemoe.run`` loops over); also
+    the module."""
     config = config or WEMoEConfig()
     module = upscale(problem, config)
     module.wemoe_hub.batch_reduce = config.batch_reduce
     optimizer = torch.optim.Adam([p for r in routers(module) for p in r.parameters()], lr=config.lr)
 
     def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros(())
-        for task, batch in zip(problem.tasks, batches, strict=True):
-            loss = entropy(task.head(module(**batch), batch))
-            loss.backward()
-            total = total + loss.detach()
-        value = check_finite(total, 1, config.NAME, "lr")
-        optimizer.step()
-        return value
+        return train_step(module, problem, list(batches), optimizer, 1, config.NAME)
 
     return step, module
 

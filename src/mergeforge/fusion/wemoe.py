@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mergeforge.errors import FusionError
-from mergeforge.fusion.data import FusionProblem, cycle, to_device
+from mergeforge.fusion.data import Batch, FusionProblem, cycle, to_device
 from mergeforge.fusion.losses import Progress, check_finite, entropy
 from mergeforge.fusion.results import DynamicResult
 from mergeforge.fusion.spec import FusionSpec
@@ -182,15 +182,8 @@ def run(
     hub.batch_reduce = config.batch_reduce
     try:
         for step in range(1, config.steps + 1):
-            optimizer.zero_grad(set_to_none=True)
-            total = torch.zeros((), device=device)
-            for task, stream in zip(problem.tasks, streams, strict=True):
-                batch = to_device(next(stream), device)
-                loss = entropy(task.head(module(**batch), batch))
-                loss.backward()  # gradients add up over tasks; each task's graph is freed
-                total = total + loss.detach()
-            history.append(check_finite(total, step, name, "lr"))
-            optimizer.step()
+            batches = [to_device(next(stream), device) for stream in streams]
+            history.append(train_step(module, problem, batches, optimizer, step, name))
             if progress is not None:
                 progress(step, config.steps, history[-1])
     finally:
@@ -205,6 +198,28 @@ def run(
         history=tuple(history),
         info=_info(module, config),
     )
+
+
+def train_step(
+    module: nn.Module,
+    problem: FusionProblem,
+    batches: list[Batch],
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    name: str,
+) -> float:
+    """One router step: Σ_t H(head_t(module(x_t))) over task t's batch ``batches[t]`` (each
+    task's graph backpropagated and freed in turn), then ``optimizer.step()``; the summed loss
+    (``FusionError`` naming ``step`` when it is not finite)."""
+    optimizer.zero_grad(set_to_none=True)
+    total: Tensor | float = 0.0
+    for task, batch in zip(problem.tasks, batches, strict=True):
+        loss = entropy(task.head(module(**batch), batch))
+        loss.backward()  # gradients add up over tasks; each task's graph is freed
+        total = loss.detach() + total
+    value = check_finite(total, step, name, "lr")
+    optimizer.step()
+    return value
 
 
 def upscale(
