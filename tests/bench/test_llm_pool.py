@@ -303,3 +303,37 @@ def test_interrupted_validation_is_recorded_on_the_next_build(
     m = json.loads((again.root / "manifest.json").read_text())
     assert m["validation"] == json.loads((pool.root / "manifest.json").read_text())["validation"]
     assert not list(again.root.glob("*.tmp-*"))
+
+
+def test_evaluation_prints_no_loading_bars(pool, capsys) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh `mergeforge bench --quiet` process
+    try:
+        evaluate_lm(pool.tasks[0].model_dir, pool, "test", tasks=["color"])
+        evaluate_lm(_state(pool.base_dir), pool, "test", tasks=["color"])
+    finally:
+        hf_logging.disable_progress_bar()
+    assert "Loading weights" not in capsys.readouterr().err
+
+
+def test_bench_sweeps_a_causal_lm_pool_end_to_end(pool, tmp_path: Path) -> None:
+    """``run_bench`` on the tiny causal-LM pool: baselines + a grid method, whole-model merges,
+    records per task, the baselines' data-use wording of a pool without task heads."""
+    from mergeforge.bench.runner import run_bench
+
+    res = run_bench(pool, ["task_arithmetic"], tmp_path / "out", progress=False,
+                    grids={"task_arithmetic": [{"weight": 0.3}, {"weight": 1.0}]})  # fmt: skip
+    recs = {(r["method"], r["task"]): r for r in res["records"]}
+    tasks = {t.name for t in pool.tasks}
+    assert set(recs) == {(m, t) for m in ("pretrained", "fine_tuned", "task_arithmetic")
+                         for t in tasks}  # fmt: skip
+    assert recs[("pretrained", "color")]["data_used"] == (
+        "none (the pretrained model, prompted for each task)"
+    )
+    ta = recs[("task_arithmetic", "color")]
+    assert ta["params"]["weight"] in (0.3, 1.0) and len(ta["selection"]) == 2
+    for t in tasks:
+        assert recs[("fine_tuned", t)]["normalized"] == 1.0
+        assert 0.0 <= recs[("task_arithmetic", t)]["value"] <= 1.0
+    assert (tmp_path / "out" / "runs" / "task_arithmetic.json").is_file()

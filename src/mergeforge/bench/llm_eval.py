@@ -172,7 +172,9 @@ def load_causal_lm(model_state_or_dir: Any, pool: Pool) -> Any:
     tensor, e.g. a merge held in memory) loaded into ``pool.base_dir``'s architecture."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # as evaluate.py: no "Loading weights" bar per evaluation
     if isinstance(model_state_or_dir, (str, Path)):
         return AutoModelForCausalLM.from_pretrained(model_state_or_dir, dtype=torch.float32).eval()
     config = AutoConfig.from_pretrained(pool.base_dir)

@@ -51,6 +51,10 @@ DATA_USED = {
     "pretrained": "none (the pretrained encoder under each task's fine-tuned head)",
     "fine_tuned": "each task's training split (its own fine-tuned model)",
 }
+DATA_USED_WHOLE_MODEL = {  # pools whose whole model is merged (causal LMs): no task heads
+    **DATA_USED,
+    "pretrained": "none (the pretrained model, prompted for each task)",
+}
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,8 @@ def run_baselines(pool: Pool, seed: int) -> dict[str, dict]:
         wall = time.perf_counter() - t0
         ft_test = ft_test or dict(test)
         timing = {"merge_s": 0.0, "eval_s": wall, "wall_s": wall, "peak_rss_bytes": rss.peak}
-        recs = _records(name, pool, test, val, ft_test, {}, (), timing, DATA_USED[name], seed)
+        used = (DATA_USED_WHOLE_MODEL if pool.kind == "causal-lm" else DATA_USED)[name]
+        recs = _records(name, pool, test, val, ft_test, {}, (), timing, used, seed)
         out[name] = _run_file(pool, name, seed, (), recs)
     return out
 
