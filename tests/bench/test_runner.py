@@ -65,6 +65,7 @@ def test_bench_records_baselines_and_normalized(pool, tmp_path: Path) -> None:
     assert info["seed"] == 0 and info["pool_fingerprint"] == pool.fingerprint
     assert "torch" in info["versions"] and info["hardware"]["logical_cores"] >= 1
     assert "psutil" in info["peak_rss_method"]
+    assert info["threads_per_job"] == torch.get_num_threads()  # results depend on it
     assert res["pool"]["tasks"][0]["sizes"] == {"train": 48, "validation": 24, "test": 24}
     assert not (tmp_path / "out" / "work").exists()
 

@@ -356,7 +356,8 @@ def run_bench(
     out = prepare_out_dir(out_dir)
     plan = {s.name: tuple((grids or {}).get(s.name) or grid_for(s.name)) for s in specs}
     info = run_info(seed=seed, pool_fingerprint=pool.fingerprint)
-    info.update(executor=executor, workers=workers, peak_rss_method=RSS_METHOD,
+    info.update(executor=executor, workers=workers, threads_per_job=_job_threads(workers),
+                peak_rss_method=RSS_METHOD,
                 selection_rule=SELECTION_RULE, skipped_methods=skipped, failed_methods={})  # fmt: skip
     sweep = _Sweep(out, pool, info, ["pretrained", "fine_tuned", *plan])
     _baselines(sweep, seed)
@@ -394,6 +395,14 @@ def _baselines(sweep: _Sweep, seed: int) -> None:
         return
     for m, run in run_baselines(sweep.pool, seed).items():
         sweep.finish(m, run)
+
+
+def _job_threads(workers: int) -> int:
+    """Math threads each job runs with: float reductions, so results (Twin-Merging's router
+    most), depend on it; the same seed and thread count give the same numbers."""
+    import torch
+
+    return _threads(workers) if workers > 1 else torch.get_num_threads()
 
 
 def _threads(workers: int) -> int:
