@@ -268,10 +268,10 @@ def build_lm_pool(
     fp = fingerprint(bcfg)
     final = cache_root / fp
     if not (final / "manifest.json").is_file():
-        header = {"fingerprint": fp, "base_dir": str(base_dir), "base": base_info}
-        header["build_config"] = bcfg
-        train = partial(_train_all, base_dir=base_dir, tasks=tasks, config=config, header=header)
-        _atomic_dir(final, partial(train, progress=progress))
+        header = {"fingerprint": fp, "base_dir": str(base_dir), "base": base_info,
+                  "build_config": bcfg}  # fmt: skip
+        _atomic_dir(final, partial(_train_all, base_dir=base_dir, tasks=tasks, config=config,
+                                   header=header, progress=progress))  # fmt: skip
     pool = load_lm_pool(final)
     if config.evaluate and "validation" not in json.loads((final / "manifest.json").read_text()):
         record_validation(pool)  # also finishes a cached pool whose evaluation was interrupted
