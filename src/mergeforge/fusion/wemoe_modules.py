@@ -258,7 +258,8 @@ class WEMoELinear(nn.Module):
         [τ_1 … τ_T]ᵀ, one matrix product over the T·in concatenation."""
         b, length, inp = xs.shape
         t, out, _ = self.task_weight.shape
-        scaled = (r[:, None, :, None] * xs[:, :, None, :]).reshape(b * length, t * inp)
+        scaled = r[:, None, :, None] * xs[:, :, None, :]  # (B, L, T, in)
+        scaled = scaled.reshape(b * length, t * inp)  # (B·L, T·in)
         stacked = self.task_weight.permute(1, 0, 2).reshape(out, t * inp)  # (out, T·in)
         y = (scaled @ stacked.T).reshape(b, length, out)  # (B, L, out)
         return y + xs @ self.base_weight.T
