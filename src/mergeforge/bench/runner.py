@@ -355,8 +355,9 @@ def run_bench(
     specs, skipped = select_methods(pool, list(methods) if methods is not None else None)
     out = prepare_out_dir(out_dir)
     plan = {s.name: tuple((grids or {}).get(s.name) or grid_for(s.name)) for s in specs}
+    threads = _threads(workers) if workers > 1 else None  # None: this process's own
     info = run_info(seed=seed, pool_fingerprint=pool.fingerprint)
-    info.update(executor=executor, workers=workers, threads_per_job=_job_threads(workers),
+    info.update(executor=executor, workers=workers, threads_per_job=threads or _torch_threads(),
                 peak_rss_method=RSS_METHOD,
                 selection_rule=SELECTION_RULE, skipped_methods=skipped, failed_methods={})  # fmt: skip
     sweep = _Sweep(out, pool, info, ["pretrained", "fine_tuned", *plan])
@@ -370,7 +371,7 @@ def run_bench(
             continue
         jobs.append(MethodJob(pool, name, grid, seed, str(out / "work"), ft_test,
                               progress and workers == 1 and executor == "local",
-                              _threads(workers) if workers > 1 else None))  # fmt: skip
+                              threads))  # fmt: skip
     if workers > 1:  # longest first, so no worker idles at the end: fusion jobs train
         jobs.sort(key=lambda j: find_fusion(j.method) is None)
     for job, result in _with_bar(
@@ -397,12 +398,13 @@ def _baselines(sweep: _Sweep, seed: int) -> None:
         sweep.finish(m, run)
 
 
-def _job_threads(workers: int) -> int:
-    """Math threads each job runs with: float reductions, so results (Twin-Merging's router
-    most), depend on it; the same seed and thread count give the same numbers."""
+def _torch_threads() -> int:
+    """This process's math threads. Recorded as ``threads_per_job``: float reductions, so results
+    (Twin-Merging's router most), depend on it; the same seed and thread count give the same
+    numbers."""
     import torch
 
-    return _threads(workers) if workers > 1 else torch.get_num_threads()
+    return torch.get_num_threads()
 
 
 def _threads(workers: int) -> int:

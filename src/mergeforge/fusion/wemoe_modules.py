@@ -44,10 +44,11 @@ router's input) and must run first in the block. The first pattern that matches 
 
 FACTORED_MAX_TOKENS = 32
 """Per-sample weights at inference: up to this many tokens per sample, ``W(x_b) x`` is computed
-as one product over the T task vectors side by side (T× the FLOPs of a plain Linear); beyond it,
-each sample's W(x_b) is built and applied by ``bmm``. Building W(x_b) is memory-bound (~30× fewer
-multiply-adds per second on this project's CPU), so it pays only for long inputs: at 14 tokens
-the product is 2.8× faster, at 128 tokens 2.2× slower (B 32, T 6, 1536 × 384, one thread)."""
+as one product over the T task vectors side by side (B·L·T·out·in multiply-adds, one large
+compute-bound matrix product); beyond it, each sample's W(x_b) is built and applied by ``bmm``
+(B·T·out·in multiply-adds to build, but memory-bound: a B × out × in tensor is written and read).
+The product's cost grows with the tokens L, the build's does not, so the build wins for long
+inputs; a few tens of tokens is where they cross on a CPU."""
 
 ROUTER_HIDDEN_STD = 0.01
 """Std of the router's hidden Linear weight at initialisation (paper, FusionBench)."""
